@@ -1,0 +1,221 @@
+"""The ``patchcore`` command: parse arguments, call the library, write files. Nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from . import __version__
+from .backbones import BACKBONES, WeightsError
+from .data import BadInputError, expand_paths, training_images
+from .storage import ModelFileError
+
+
+def _add_fit_options(parser: argparse.ArgumentParser, single_backbone: bool = True) -> None:
+    group = parser.add_argument_group("model")
+    if single_backbone:
+        group.add_argument("--backbone", default="wide_resnet50_2", choices=sorted(BACKBONES), help="pretrained CNN (default: %(default)s, as in the paper)")
+        group.add_argument("--layers", nargs="+", metavar="LAYER", help="layers to tap (default: the backbone's two mid-level stages)")
+        group.add_argument("--weights", metavar="FILE", help="the backbone's ImageNet weights file (default: torchvision's cache, then download)")
+    group.add_argument("--image-size", type=int, default=256, help="resize images to this square (default: %(default)s)")
+    group.add_argument("--center-crop", type=int, metavar="SIZE", help="then crop the center to this square (the paper: 256 then 224; default: off)")
+    group.add_argument("--coreset-ratio", type=float, default=0.1, help="share of patches kept in the memory bank (default: %(default)s)")
+    group.add_argument("--neighbors", type=int, default=9, help="bank neighbours in the image-score re-weighting, eq. 7 (default: %(default)s)")
+    group.add_argument("--seed", type=int, default=42, help="seed for the held-out split, projection and first coreset pick (default: %(default)s)")
+    group.add_argument("--calibration-fraction", type=float, default=0.1, help="share of good images held out to set the threshold (default: %(default)s, at least 2 images)")
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("running")
+    group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    group.add_argument("--batch-size", type=int, default=8, help="images per backbone batch (default: %(default)s)")
+    group.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="patchcore", description="Find and outline defects after learning only from good images (PatchCore).")
+    parser.add_argument("--version", action="version", version=f"patchcore {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    fit = commands.add_parser("fit", help="fit a model on good images")
+    fit.add_argument("data", help="an MVTec-layout category folder (uses train/good) or any folder of good images")
+    fit.add_argument("--out", required=True, metavar="MODEL", help="model file to write (.safetensors)")
+    _add_fit_options(fit)
+    _add_run_options(fit)
+
+    test = commands.add_parser("test", help="score an MVTec-layout test set and write metrics, scores and pictures")
+    test.add_argument("model", help="model file")
+    test.add_argument("data", help="category folder with test/ and ground_truth/")
+    test.add_argument("--out", required=True, metavar="RESULTS", help="folder for metrics.json, scores.csv, images/")
+    test.add_argument("--no-pictures", action="store_true", help="skip the per-image pictures")
+    _add_run_options(test)
+
+    train = commands.add_parser("train", help="fit, then test, and print the metrics")
+    train.add_argument("data", help="MVTec-layout category folder")
+    train.add_argument("--out", required=True, metavar="DIR", help="folder for model.safetensors and the test results")
+    train.add_argument("--no-pictures", action="store_true", help="skip the per-image pictures")
+    _add_fit_options(train)
+    _add_run_options(train)
+
+    predict = commands.add_parser("predict", help="score images: a JSON line and a heat-map picture each")
+    predict.add_argument("model", help="model file")
+    predict.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
+    predict.add_argument("--out", required=True, metavar="DIR", help="folder for predictions.jsonl and images/")
+    predict.add_argument("--threshold", type=float, help="raw-score threshold instead of the calibrated one")
+    predict.add_argument("--no-pictures", action="store_true", help="skip the heat-map pictures")
+    _add_run_options(predict)
+
+    bench = commands.add_parser("benchmark", help="fit and test every category under an MVTec AD root; write the seed's tables")
+    bench.add_argument("root", help="MVTec AD root (a folder of category folders)")
+    bench.add_argument("--backbone", nargs="+", required=True, choices=sorted(BACKBONES), metavar="NAME", help=f"one or more of: {', '.join(sorted(BACKBONES))}")
+    bench.add_argument("--weights", nargs="+", default=[], metavar="NAME=FILE", help="weights file per backbone, e.g. resnet18=resnet18-f37072fd.pth")
+    bench.add_argument("--out", required=True, metavar="DIR", help="folder for benchmark.md, benchmark.json and each run")
+    bench.add_argument("--pictures", action="store_true", help="also write the per-image pictures")
+    _add_fit_options(bench, single_backbone=False)
+    _add_run_options(bench)
+    return parser
+
+
+def _model_options(args: argparse.Namespace) -> dict:
+    return {
+        "image_size": args.image_size,
+        "center_crop": args.center_crop,
+        "coreset_ratio": args.coreset_ratio,
+        "num_neighbors": args.neighbors,
+        "seed": args.seed,
+        "calibration_fraction": args.calibration_fraction,
+        "device": args.device,
+        "batch_size": args.batch_size,
+        "progress": not args.quiet,
+    }
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def _fit(args: argparse.Namespace, out: Path):
+    from .model import PatchCore
+
+    images = training_images(args.data)
+    model = PatchCore(args.backbone, layers=args.layers, weights=args.weights, **_model_options(args))
+    started = time.perf_counter()
+    model.fit(images)
+    elapsed = time.perf_counter() - started
+    for message in model.skipped_:
+        _log(f"skipped {message}")
+    model.save(out)
+    bank = model.memory_bank_.shape
+    _log(f"fitted {model.num_fit_images_} images ({model.calibration_.num_images} held out for the threshold) in {elapsed:.1f} s; memory bank {bank[0]} x {bank[1]}; wrote {out}")
+    return model, elapsed
+
+
+def _test(model, args: argparse.Namespace, out: Path) -> dict:
+    from .evaluate import evaluate, metrics_table
+
+    metrics = evaluate(model, args.data, out, pictures=not args.no_pictures, report=_log)
+    print(metrics_table(metrics))
+    _log(f"scored {metrics['num_test_images']} images at {metrics['images_per_second']:.1f} images/s; wrote {out / 'metrics.json'}, {out / 'scores.csv'}")
+    return metrics
+
+
+def run(args: argparse.Namespace) -> int:
+    from .model import PatchCore
+
+    if args.command == "fit":
+        _fit(args, Path(args.out))
+    elif args.command == "test":
+        model = PatchCore.load(args.model, device=args.device, batch_size=args.batch_size, progress=not args.quiet)
+        _test(model, args, Path(args.out))
+    elif args.command == "train":
+        out = Path(args.out)
+        model, fit_seconds = _fit(args, out / "model.safetensors")
+        metrics = _test(model, args, out)
+        metrics["fit_seconds"] = fit_seconds
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    elif args.command == "predict":
+        return _predict(args)
+    elif args.command == "benchmark":
+        from .benchmark import run_benchmark
+
+        weights = dict(_split_weights(item) for item in args.weights)
+        summary = run_benchmark(args.root, args.backbone, args.out, _model_options(args), weights, pictures=args.pictures, report=_log)
+        print((Path(args.out) / "benchmark.md").read_text())
+        if all("error" in cell for per in summary["results"].values() for cell in per.values()):
+            return 2
+    return 0
+
+
+def _split_weights(item: str) -> tuple[str, str]:
+    name, separator, file = item.partition("=")
+    if not separator or name not in BACKBONES:
+        raise ValueError(f"--weights takes NAME=FILE with NAME one of {', '.join(sorted(BACKBONES))}, got {item!r}")
+    return name, file
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .model import PatchCore
+    from .render import predict_picture, save_png
+
+    model = PatchCore.load(args.model, device=args.device, batch_size=args.batch_size, progress=not args.quiet)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = expand_paths(args.paths)
+    if not paths:
+        raise BadInputError(f"no files found in {', '.join(args.paths)}")
+    names = _picture_names(paths, args.paths)
+    scored = failed = 0
+    with open(out / "predictions.jsonl", "w") as lines:
+        for prediction in model.iter_predictions(paths, keep_images=not args.no_pictures, threshold=args.threshold):
+            record: dict = {"path": prediction.source}
+            if prediction.error is not None:
+                failed += 1
+                _log(f"skipped {prediction.error}")
+                record["error"] = prediction.error
+            else:
+                scored += 1
+                record.update(score=prediction.score, normalized_score=prediction.normalized_score, is_anomalous=prediction.is_anomalous)
+                if not args.no_pictures:
+                    picture = out / "images" / names[prediction.source]
+                    save_png(picture, predict_picture(prediction.image, prediction.anomaly_map, model.calibration_, prediction.score, prediction.is_anomalous))
+                    record["picture"] = str(picture)
+            lines.write(json.dumps(record) + "\n")
+    _log(f"scored {scored} images, skipped {failed}; wrote {out / 'predictions.jsonl'}")
+    return 0 if scored else 2
+
+
+def _picture_names(paths: list[Path], arguments: Sequence[str]) -> dict[str, str]:
+    """A unique picture name per input: its path below the folder it was found in, '/' as '__'."""
+    roots = [Path(a) for a in arguments if Path(a).is_dir()]
+    names: dict[str, str] = {}
+    taken: set[str] = set()
+    for path in paths:
+        root = next((r for r in roots if path.is_relative_to(r)), path.parent)
+        name = "__".join(path.relative_to(root).with_suffix("").parts) + ".png"
+        candidate, number = name, 1
+        while candidate in taken:
+            number += 1
+            candidate = name.replace(".png", f"_{number}.png")
+        taken.add(candidate)
+        names[str(path)] = candidate
+    return names
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (BadInputError, ModelFileError, WeightsError, ValueError) as error:
+        print(f"patchcore: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("patchcore: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

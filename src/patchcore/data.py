@@ -1,0 +1,277 @@
+"""Finding images and masks, decoding them to RGB, and the resize/crop/normalise the backbone expects.
+
+Every failure names the file and the cause in one line (:class:`BadInputError`), so that a
+batch can report one bad image and carry on with the rest.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm"})
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Decompression-bomb warnings become errors we report per file, not a process-wide crash.
+warnings.simplefilter("error", Image.DecompressionBombWarning)
+
+
+class BadInputError(ValueError):
+    """An input file or folder that cannot be used; the message names it and says why."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding files
+
+
+def find_images(folder: str | Path) -> list[Path]:
+    """All image files under ``folder`` (recursively, by suffix), in a stable sorted order."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise BadInputError(f"'{root}': not a folder")
+    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not images:
+        raise BadInputError(f"'{root}': no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+    return images
+
+
+def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
+    """Files as given, folders expanded recursively to every file in them (bad ones get reported later)."""
+    expanded: list[Path] = []
+    for item in paths:
+        path = Path(item)
+        if path.is_dir():
+            expanded.extend(sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")))
+        else:
+            expanded.append(path)
+    return expanded
+
+
+def training_images(data: str | Path) -> list[Path]:
+    """Good images to fit on: ``DATA/train/good`` in an MVTec-layout folder, else every image under DATA."""
+    root = Path(data)
+    mvtec_train = root / "train" / "good"
+    return find_images(mvtec_train if mvtec_train.is_dir() else root)
+
+
+@dataclass(frozen=True)
+class TestSample:
+    """One test image of an MVTec-layout folder and what is known about it."""
+
+    path: Path
+    defect_type: str  # "good" or the defect folder's name
+    label: int  # 0 good, 1 defective
+    mask_path: Path | None  # None for good images (an all-zero mask)
+
+
+def test_samples(data: str | Path) -> list[TestSample]:
+    """The samples of ``DATA/test/<type>/*`` with masks from ``DATA/ground_truth/<type>/<stem>_mask.*``.
+
+    A defective image without a mask is still listed, with ``mask_path`` pointing where the mask
+    was expected; reading it then fails with a clear error for that image alone.
+    """
+    root = Path(data)
+    test_root = root / "test"
+    if not test_root.is_dir():
+        raise BadInputError(f"'{root}': no test/ folder (expected the MVTec AD layout test/<defect type>/*)")
+    samples = []
+    for type_dir in sorted(p for p in test_root.iterdir() if p.is_dir()):
+        is_good = type_dir.name == "good"
+        for path in find_images(type_dir):
+            mask = None if is_good else _find_mask(root / "ground_truth" / type_dir.name, path.relative_to(type_dir))
+            samples.append(TestSample(path, type_dir.name, 0 if is_good else 1, mask))
+    if not samples:
+        raise BadInputError(f"'{test_root}': no test images")
+    return samples
+
+
+def _find_mask(mask_dir: Path, relative: Path) -> Path:
+    stem_dir = mask_dir / relative.parent
+    for name in (f"{relative.stem}_mask", relative.stem):
+        for suffix in (".png", relative.suffix, ".bmp", ".tif", ".tiff"):
+            candidate = stem_dir / f"{name}{suffix}"
+            if candidate.is_file():
+                return candidate
+    return stem_dir / f"{relative.stem}_mask.png"  # where MVTec AD puts it: named in the error
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Decode any common image to RGB ``uint8`` of shape (H, W, 3).
+
+    Grayscale, palette, RGBA (composited on black, as a camera sees it), CMYK, 16-bit and float
+    images are all brought to 8-bit RGB; EXIF orientation is applied.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"'{path}': no such file")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            array = _to_rgb8(image)
+    except BadInputError:
+        raise
+    except Image.DecompressionBombWarning as error:
+        raise BadInputError(f"'{path}': image too large ({error})") from None
+    except Exception as error:  # PIL raises many types for damaged files; all mean the same here
+        cause = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise BadInputError(f"'{path}': not a readable image ({cause})") from None
+    if array.shape[0] < 8 or array.shape[1] < 8:
+        raise BadInputError(f"'{path}': image is {array.shape[1]}x{array.shape[0]} px, too small (at least 8x8)")
+    return array
+
+
+def _to_rgb8(image: Image.Image) -> np.ndarray:
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit grayscale: scale the full range to 8 bits (PIL's convert("L") would clip at 255).
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+        gray = np.clip(values * (255.0 / top), 0, 255).round().astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if values.max() <= 1.0:  # float images are usually in [0, 1]
+            values = values * 255.0
+        gray = np.clip(values, 0, 255).round().astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(background, image)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def read_mask(path: Path | None, image_path: Path, image_size_hw: tuple[int, int]) -> np.ndarray:
+    """A ground-truth mask as ``bool`` (H, W); ``path=None`` means a good image (all False)."""
+    if path is None:
+        return np.zeros(image_size_hw, dtype=bool)
+    if not path.is_file():
+        raise BadInputError(f"'{image_path}': defective test image has no mask (expected '{path}')")
+    try:
+        with Image.open(path) as image:
+            mask = np.asarray(image.convert("L")) > 127 if image.mode not in ("1",) else np.asarray(image, dtype=bool)
+    except Exception as error:
+        raise BadInputError(f"'{path}': not a readable mask ({str(error).splitlines()[0]})") from None
+    if mask.shape != tuple(image_size_hw):
+        raise BadInputError(
+            f"'{path}': mask is {mask.shape[1]}x{mask.shape[0]} px but its image '{image_path.name}' is "
+            f"{image_size_hw[1]}x{image_size_hw[0]} px"
+        )
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry: the backbone's view of an image and the way back
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Resize to ``image_size`` squared, then optionally center-crop to ``crop_size`` squared.
+
+    The paper resizes to 256 and crops 224; anomalib resizes to 256 with no crop (our default).
+    """
+
+    image_size: int = 256
+    crop_size: int | None = None
+
+    @property
+    def input_size(self) -> int:
+        """Side of the square the backbone sees."""
+        return self.crop_size or self.image_size
+
+    def _crop_box(self) -> tuple[int, int]:
+        start = (self.image_size - self.input_size) // 2
+        return start, start + self.input_size
+
+    def image_to_tensor(self, rgb: np.ndarray) -> torch.Tensor:
+        """RGB ``uint8`` (H, W, 3) to a normalised float tensor (3, S, S)."""
+        resized = Image.fromarray(rgb).resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
+        tensor = torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1).float().div_(255.0)
+        tensor = self._crop(tensor)
+        mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        return tensor.sub_(mean).div_(std)
+
+    def mask_to_input(self, mask: np.ndarray) -> np.ndarray:
+        """A full-resolution mask brought to the backbone's input grid (nearest neighbour)."""
+        resized = Image.fromarray(mask.astype(np.uint8) * 255).resize((self.image_size, self.image_size), Image.Resampling.NEAREST)
+        return self._crop(torch.from_numpy(np.asarray(resized) > 127)).numpy()
+
+    def map_to_image(self, input_map: torch.Tensor, image_size_hw: tuple[int, int]) -> torch.Tensor:
+        """An anomaly map on the input grid (S, S) brought back to the image's own (H, W).
+
+        Outside a center crop the model saw nothing; those pixels get the map's minimum.
+        """
+        full = input_map
+        if self.crop_size:
+            full = torch.full((self.image_size, self.image_size), float(input_map.min()), dtype=input_map.dtype)
+            start, stop = self._crop_box()
+            full[start:stop, start:stop] = input_map
+        return F.interpolate(full[None, None], size=image_size_hw, mode="bilinear", align_corners=False)[0, 0]
+
+    def _crop(self, tensor: torch.Tensor) -> torch.Tensor:
+        if not self.crop_size:
+            return tensor
+        start, stop = self._crop_box()
+        return tensor[..., start:stop, start:stop]
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches with decoding overlapped
+
+
+@dataclass
+class LoadedImage:
+    """An image decoded and prepared for the backbone, or the error that stopped it."""
+
+    path: Path
+    tensor: torch.Tensor | None = None
+    original_hw: tuple[int, int] = (0, 0)
+    rgb: np.ndarray | None = None  # kept only when asked (for pictures)
+    error: str | None = None
+
+
+def _load(path: Path, geometry: Geometry, keep_rgb: bool) -> LoadedImage:
+    try:
+        rgb = read_image(path)
+    except BadInputError as error:
+        return LoadedImage(path, error=str(error))
+    return LoadedImage(path, geometry.image_to_tensor(rgb), rgb.shape[:2], rgb if keep_rgb else None)
+
+
+def load_batches(paths: Sequence[Path], geometry: Geometry, batch_size: int, keep_rgb: bool = False, workers: int = 2) -> Iterator[list[LoadedImage]]:
+    """Decode images on worker threads (PIL releases the GIL) while the caller computes on the last batch.
+
+    Every path comes back exactly once, in order, with either a tensor or an error. At most two
+    batches are decoded ahead, so memory stays bounded however many images there are.
+    """
+    look_ahead = 2 * batch_size
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        pending: deque[Future[LoadedImage]] = deque()
+        remaining = iter(paths)
+        batch: list[LoadedImage] = []
+        while True:
+            while len(pending) < look_ahead and (path := next(remaining, None)) is not None:
+                pending.append(pool.submit(_load, path, geometry, keep_rgb))
+            if not pending:
+                break
+            batch.append(pending.popleft().result())
+            if len(batch) == batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch

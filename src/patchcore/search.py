@@ -1,0 +1,81 @@
+"""Nearest neighbours in the memory bank, and the image score of the paper's eq. 7."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import torch
+
+
+class NearestNeighbourIndex:
+    """Exact L2 nearest-neighbour search over the memory bank.
+
+    On the CPU this is faiss's ``IndexFlatL2`` (blocked BLAS, bounded memory); on a GPU a chunked
+    matrix product in torch, so that no second GPU library is needed.
+    """
+
+    #: queries per chunk on the GPU: bounds the (chunk, bank) distance matrix
+    GPU_CHUNK = 4096
+
+    def __init__(self, bank: torch.Tensor) -> None:
+        self.bank = bank.float().contiguous()
+        self.device = bank.device
+        if self.device.type == "cpu":
+            self._faiss = faiss.IndexFlatL2(self.bank.shape[1])
+            self._faiss.add(self.bank.numpy())
+        else:
+            self._squared_norms = self.bank.square().sum(dim=1)
+
+    def __len__(self) -> int:
+        return self.bank.shape[0]
+
+    def search(self, queries: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``k`` nearest bank entries of each query: (distances, indices), both (Q, k), nearest first."""
+        k = min(k, len(self))
+        queries = queries.to(self.device, torch.float32).contiguous()
+        if self.device.type == "cpu":
+            squared, indices = self._faiss.search(queries.numpy(), k)
+            squared, indices = torch.from_numpy(squared), torch.from_numpy(indices)
+        else:
+            parts = [self._search_chunk(chunk, k) for chunk in queries.split(self.GPU_CHUNK)]
+            squared = torch.cat([p[0] for p in parts])
+            indices = torch.cat([p[1] for p in parts])
+        # The |q|^2 - 2 q.b + |b|^2 expansion can round slightly below zero.
+        return squared.clamp_(min=0).sqrt_(), indices.long()
+
+    def _search_chunk(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        squared = torch.addmm(self._squared_norms[None, :], queries, self.bank.T, alpha=-2.0)
+        squared += queries.square().sum(dim=1, keepdim=True)
+        values, indices = torch.topk(squared, k, dim=1, largest=False)
+        return values, indices
+
+
+def reweighted_image_scores(
+    index: NearestNeighbourIndex,
+    features: torch.Tensor,
+    patch_scores: torch.Tensor,
+    nearest: torch.Tensor,
+    num_neighbors: int,
+) -> torch.Tensor:
+    """Image scores by eq. 7: the largest patch score, damped when its nearest bank entry is itself unusual.
+
+    For each image, take the test patch m_test* with the largest score s*, its nearest bank entry
+    m*, and the ``num_neighbors`` bank entries N_b(m*) nearest to m* (m* included). Then
+
+        s = (1 - exp(s*) / sum_{m in N_b(m*)} exp(||m_test* - m||)) * s*
+
+    The weight is large when m_test* is far from all of m*'s neighbourhood (a real anomaly) and
+    small when m* sits in a dense, well-covered region. ``features`` is (B, P, D),
+    ``patch_scores`` and ``nearest`` are (B, P).
+    """
+    batch = torch.arange(features.shape[0])
+    worst = patch_scores.argmax(dim=1)
+    top_scores = patch_scores[batch, worst]
+    if num_neighbors <= 1:  # N_b(m*) = {m*}: the weight is always 0, so eq. 7 is off
+        return top_scores
+    worst_features = features[batch, worst].to(index.device, torch.float32)
+    _, neighbourhoods = index.search(index.bank[nearest[batch, worst].to(index.device)], num_neighbors)
+    distances = torch.linalg.vector_norm(index.bank[neighbourhoods] - worst_features[:, None, :], dim=2)
+    # exp(s*) / sum exp(d) computed as exp(s* - logsumexp(d)) so that large distances don't overflow.
+    weights = 1.0 - torch.exp(top_scores.to(distances) - torch.logsumexp(distances, dim=1))
+    return (weights * top_scores.to(distances)).cpu()

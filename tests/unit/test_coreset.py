@@ -1,0 +1,77 @@
+"""Greedy k-center selection against a brute-force reference."""
+
+import pytest
+import torch
+
+from patchcore.coreset import greedy_coreset, random_projection
+
+
+def brute_force_greedy(points: torch.Tensor, count: int, first: int) -> list[int]:
+    """Algorithm 1 of the paper, literally: each pick maximises the distance to its nearest pick."""
+    picks = [first]
+    for _ in range(count - 1):
+        distances = torch.cdist(points.double(), points[picks].double()).min(dim=1).values
+        picks.append(int(torch.argmax(distances)))
+    return picks
+
+
+@pytest.fixture
+def points() -> torch.Tensor:
+    return torch.randn(600, 16, generator=torch.Generator().manual_seed(3))
+
+
+def test_first_pick_is_the_seeded_random_row(points):
+    expected = int(torch.randint(len(points), (1,), generator=torch.Generator().manual_seed(11)))
+    assert int(greedy_coreset(points, 5, seed=11)[0]) == expected
+
+
+def test_each_pick_is_the_farthest_remaining_point(points):
+    picks = greedy_coreset(points, 60, seed=5).tolist()
+    assert picks == brute_force_greedy(points, 60, picks[0])
+    assert len(set(picks)) == 60
+
+
+def test_same_seed_same_picks_other_seed_other_start(points):
+    assert torch.equal(greedy_coreset(points, 40, seed=7), greedy_coreset(points, 40, seed=7))
+    assert int(greedy_coreset(points, 1, seed=7)[0]) != int(greedy_coreset(points, 1, seed=8)[0])
+
+
+def test_selection_on_projection_matches_brute_force_on_the_same_projection():
+    wide = torch.randn(400, 512, generator=torch.Generator().manual_seed(1))
+    projected = random_projection(wide, 128, seed=2)
+    assert projected.shape == (400, 128)
+    picks = greedy_coreset(wide, 30, seed=2, projection_dim=128).tolist()
+    assert picks == brute_force_greedy(projected, 30, picks[0])
+
+
+def test_projection_keeps_distances_nearly():
+    wide = torch.randn(200, 1536, generator=torch.Generator().manual_seed(4))
+    ratio = torch.pdist(random_projection(wide, 128, seed=0)) / torch.pdist(wide)
+    # Johnson-Lindenstrauss: with 128 dims, distances stay within about +-30% (mean ~1).
+    assert abs(float(ratio.mean()) - 1.0) < 0.03
+    assert float(ratio.min()) > 0.6 and float(ratio.max()) < 1.4
+
+
+def test_features_no_wider_than_projection_are_used_as_they_are(points):
+    assert random_projection(points, 128, seed=0) is points
+
+
+def test_coverage_radius_is_within_twice_the_optimum_bound(points):
+    # k-center greedy is a 2-approximation; the radius must at least shrink as picks grow.
+    radii = []
+    for count in (10, 50, 200):
+        picks = greedy_coreset(points, count, seed=0)
+        radii.append(float(torch.cdist(points, points[picks]).min(dim=1).values.max()))
+    assert radii[0] > radii[1] > radii[2]
+
+
+def test_progress_counts_every_pick(points):
+    told = []
+    greedy_coreset(points, 237, seed=0, on_progress=told.append)
+    assert sum(told) == 237
+
+
+@pytest.mark.parametrize("count", [0, 601])
+def test_bad_sizes(points, count):
+    with pytest.raises(ValueError, match=r"coreset size must be between 1 and 600, got " + str(count)):
+        greedy_coreset(points, count)

@@ -1,0 +1,35 @@
+"""Anomaly maps: shape, resolution, blur."""
+
+import torch
+
+from patchcore.maps import anomaly_maps
+
+
+def test_map_has_the_input_resolution():
+    maps = anomaly_maps(torch.rand(2, 32, 32), 256)
+    assert maps.shape == (2, 256, 256)
+
+
+def test_constant_scores_stay_constant():
+    maps = anomaly_maps(torch.full((1, 28, 28), 3.5), 224)
+    assert torch.allclose(maps, torch.full_like(maps, 3.5), atol=1e-5)
+
+
+def test_blur_spreads_a_single_hot_patch_like_a_gaussian_of_sigma_4():
+    scores = torch.zeros(1, 32, 32)
+    scores[0, 16, 16] = 1.0
+    blurred = anomaly_maps(scores, 256)[0]
+    sharp = anomaly_maps(scores, 256, sigma=0)[0]
+    # Blurring keeps the total mass (away from borders) and lowers the peak.
+    assert abs(float(blurred.sum() - sharp.sum())) < 1e-3 * float(sharp.sum())
+    assert float(blurred.max()) < float(sharp.max())
+    # The peak stays where the hot patch is: patch 16 of 32 covers pixels 128..135.
+    row, col = divmod(int(blurred.argmax()), 256)
+    assert 124 <= row <= 136 and 124 <= col <= 136
+    # Variance along a row grows by sigma^2 = 16 px^2 over the unblurred profile.
+    positions = torch.arange(256, dtype=torch.float64)
+    def variance(profile):
+        weights = profile.double() / profile.double().sum()
+        mean = (weights * positions).sum()
+        return float((weights * (positions - mean) ** 2).sum())
+    assert abs(variance(blurred.sum(0)) - variance(sharp.sum(0)) - 16.0) < 0.5
