@@ -39,10 +39,15 @@ def find_images(folder: str | Path) -> list[Path]:
     root = Path(folder)
     if not root.is_dir():
         raise BadInputError(f"'{root}': not a folder")
-    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    images = _images_below(root)
     if not images:
         raise BadInputError(f"'{root}': no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     return images
+
+
+def _images_below(root: Path) -> list[Path]:
+    # Hidden files (macOS "._name.png" resource forks, editor backups) are never images to use.
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())
 
 
 def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
@@ -65,7 +70,7 @@ def training_images(data: str | Path) -> list[Path]:
 
 
 @dataclass(frozen=True)
-class TestSample:
+class LabelledSample:
     """One test image of an MVTec-layout folder and what is known about it."""
 
     path: Path
@@ -74,7 +79,7 @@ class TestSample:
     mask_path: Path | None  # None for good images (an all-zero mask)
 
 
-def test_samples(data: str | Path) -> list[TestSample]:
+def list_test_samples(data: str | Path) -> list[LabelledSample]:
     """The samples of ``DATA/test/<type>/*`` with masks from ``DATA/ground_truth/<type>/<stem>_mask.*``.
 
     A defective image without a mask is still listed, with ``mask_path`` pointing where the mask
@@ -87,9 +92,9 @@ def test_samples(data: str | Path) -> list[TestSample]:
     samples = []
     for type_dir in sorted(p for p in test_root.iterdir() if p.is_dir()):
         is_good = type_dir.name == "good"
-        for path in find_images(type_dir):
+        for path in _images_below(type_dir):  # an empty defect folder is no reason to stop
             mask = None if is_good else _find_mask(root / "ground_truth" / type_dir.name, path.relative_to(type_dir))
-            samples.append(TestSample(path, type_dir.name, 0 if is_good else 1, mask))
+            samples.append(LabelledSample(path, type_dir.name, 0 if is_good else 1, mask))
     if not samples:
         raise BadInputError(f"'{test_root}': no test images")
     return samples
@@ -259,6 +264,8 @@ def load_batches(paths: Sequence[Path], geometry: Geometry, batch_size: int, kee
     Every path comes back exactly once, in order, with either a tensor or an error. At most two
     batches are decoded ahead, so memory stays bounded however many images there are.
     """
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
     look_ahead = 2 * batch_size
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         pending: deque[Future[LoadedImage]] = deque()

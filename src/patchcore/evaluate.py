@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .data import BadInputError, read_mask, test_samples
+from .data import BadInputError, list_test_samples, read_mask
 from .metrics import compute_metrics
 from .model import PatchCore
 from .render import save_png, test_picture
@@ -32,7 +32,7 @@ def evaluate(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    samples = test_samples(data)
+    samples = list_test_samples(data)
     calibration = model.calibration_
     rows, labels, scores, masks, maps, skipped = [], [], [], [], [], []
     started = time.perf_counter()

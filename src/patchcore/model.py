@@ -96,6 +96,8 @@ class PatchCore:
             raise ValueError(f"neighbors must be at least 1, got {num_neighbors}")
         if center_crop is not None and not 32 <= center_crop <= image_size:
             raise ValueError(f"center crop must be between 32 and the image size {image_size}, got {center_crop}")
+        if batch_size < 1:
+            raise ValueError(f"batch size must be at least 1, got {batch_size}")
         if image_size < 32:
             raise ValueError(f"image size must be at least 32, got {image_size}")
         self.backbone = backbone

@@ -43,7 +43,8 @@ def write_model(path: str | Path, tensors: dict[str, torch.Tensor], settings: di
         raise ModelFileError(f"'{path}': is a folder; give a file name such as model.safetensors")
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
-    header = {"format_version": FORMAT_VERSION, **settings, "tensors_sha256": tensors_sha256(tensors)}
+    # Written last, so that no setting can pass for the format version or checksum.
+    header = {**settings, "format_version": FORMAT_VERSION, "tensors_sha256": tensors_sha256(tensors)}
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     os.close(handle)
     try:
@@ -83,6 +84,8 @@ def read_model(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
     except Exception as error:  # safetensors reports truncation and bad headers as several types
         cause = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ModelFileError(f"'{path}': not a model file, or damaged or truncated ({cause})") from None
+    if not isinstance(settings, dict):
+        raise ModelFileError(f"'{path}': damaged model file (settings are not a JSON object)")
     version = settings.get("format_version")
     if not isinstance(version, int):
         raise ModelFileError(f"'{path}': damaged model file (no format version)")

@@ -31,7 +31,7 @@ def model_file(model, tmp_path_factory):
 
 
 def test_accuracy_on_battery_welds(model, welds):
-    samples = pc_data.test_samples(welds)
+    samples = pc_data.list_test_samples(welds)
     predictions = model.predict([s.path for s in samples])
     labels = np.array([s.label for s in samples])
     assert image_auroc(labels, np.array([p.score for p in predictions])) >= 0.95
@@ -53,13 +53,13 @@ def test_same_seed_same_model_and_scores(model, welds, tmp_path):
     again = PatchCore("mobilenet_v2", progress=False).fit(training_images(welds))
     assert torch.equal(again.memory_bank_, model.memory_bank_)
     assert again.calibration_ == model.calibration_
-    paths = [s.path for s in pc_data.test_samples(welds)[:6]]
+    paths = [s.path for s in pc_data.list_test_samples(welds)[:6]]
     assert [p.score for p in again.predict(paths)] == [p.score for p in model.predict(paths)]
 
 
 def test_save_load_round_trip_scores_identically(model, model_file, welds):
     loaded = PatchCore.load(model_file, progress=False)
-    paths = [s.path for s in pc_data.test_samples(welds)[::16]]
+    paths = [s.path for s in pc_data.list_test_samples(welds)[::16]]
     original, reloaded = model.predict(paths), loaded.predict(paths)
     assert [p.score for p in reloaded] == [p.score for p in original]
     assert all(np.array_equal(a.anomaly_map, b.anomaly_map) for a, b in zip(original, reloaded))
@@ -142,3 +142,15 @@ def test_commands_give_one_line_errors(model_file, tmp_path, capsys):
     assert len(lines) == 2
     with pytest.raises(ModelFileError):
         PatchCore.load(damaged)
+
+
+def test_center_crop_maps_back_to_the_whole_image(welds):
+    model = PatchCore("mobilenet_v2", image_size=256, center_crop=224, coreset_ratio=0.02, progress=False)
+    model.fit(training_images(welds)[:10])
+    assert model.feature_grid_ == (28, 28)
+    [prediction] = model.predict([pc_data.list_test_samples(welds)[-1].path])
+    height, width = prediction.anomaly_map.shape
+    assert prediction.input_map.shape == (224, 224)
+    assert (height, width) == Image.open(pc_data.list_test_samples(welds)[-1].path).size[::-1]
+    # The model never saw the border outside the crop: it holds the map's minimum there.
+    assert float(prediction.anomaly_map[0, 0]) == pytest.approx(float(prediction.input_map.min()), abs=1e-4)

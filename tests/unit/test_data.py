@@ -1,0 +1,599 @@
+"""Tests for patchcore.data: decoding every common image kind, finding files, the MVTec layout,
+the resize/crop/normalise geometry and the overlapped batch loader."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from patchcore.data import (
+    IMAGE_SUFFIXES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    BadInputError,
+    Geometry,
+    find_images,
+    load_batches,
+    read_image,
+    read_mask,
+    training_images,
+)
+from patchcore.data import LabelledSample as Sample
+from patchcore.data import list_test_samples
+
+MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+
+def exact(message: str) -> str:
+    """A pattern that matches exactly ``message`` (pytest.raises uses re.search)."""
+    return "^" + re.escape(message) + "$"
+
+
+def save_gray(path: Path, value: int, size_hw: tuple[int, int] = (16, 16)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full(size_hw, value, dtype=np.uint8)).save(path)
+    return path
+
+
+def save_rgb(path: Path, rgb: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rgb).save(path)
+    return path
+
+
+# ---------------------------------------------------------------------------
+# read_image: every mode to RGB uint8
+# ---------------------------------------------------------------------------
+
+
+def test_read_rgb_png_unchanged(tmp_path: Path) -> None:
+    rgb = np.random.default_rng(0).integers(0, 256, size=(12, 20, 3), dtype=np.uint8)
+    array = read_image(save_rgb(tmp_path / "rgb.png", rgb))
+    assert array.dtype == np.uint8
+    assert array.shape == (12, 20, 3)
+    np.testing.assert_array_equal(array, rgb)
+
+
+def test_read_grayscale_l_repeats_to_three_channels(tmp_path: Path) -> None:
+    gray = np.arange(10 * 14, dtype=np.uint8).reshape(10, 14)
+    path = tmp_path / "gray.png"
+    Image.fromarray(gray).save(path)
+    assert Image.open(path).mode == "L"
+    array = read_image(path)
+    assert array.shape == (10, 14, 3)
+    assert array.dtype == np.uint8
+    for channel in range(3):
+        np.testing.assert_array_equal(array[..., channel], gray)
+
+
+def test_read_palette_image_uses_palette_colours(tmp_path: Path) -> None:
+    image = Image.new("P", (16, 10), 0)
+    image.putpalette([0, 0, 0, 10, 20, 30, 250, 240, 230] + [0] * (256 * 3 - 9))
+    image.paste(1, (0, 0, 8, 10))  # left half palette entry 1
+    image.paste(2, (8, 0, 16, 10))  # right half palette entry 2
+    path = tmp_path / "palette.png"
+    image.save(path)
+    assert Image.open(path).mode == "P"
+    array = read_image(path)
+    assert array.shape == (10, 16, 3)
+    assert array[5, 2].tolist() == [10, 20, 30]
+    assert array[5, 12].tolist() == [250, 240, 230]
+
+
+def test_read_palette_with_transparency_composites_on_black(tmp_path: Path) -> None:
+    image = Image.new("P", (8, 8), 1)
+    image.putpalette([0, 0, 0, 200, 100, 50, 90, 80, 70] + [0] * (256 * 3 - 9))
+    image.paste(2, (0, 0, 4, 8))
+    path = tmp_path / "palette_transparent.png"
+    image.save(path, transparency=1)  # palette entry 1 fully transparent
+    array = read_image(path)
+    assert array[0, 6].tolist() == [0, 0, 0]  # transparent entry -> black, not (200, 100, 50)
+    assert array[0, 1].tolist() == [90, 80, 70]  # opaque entry unchanged
+
+
+def test_read_rgba_composites_on_black(tmp_path: Path) -> None:
+    rgba = np.zeros((8, 12, 4), dtype=np.uint8)
+    rgba[:, :4] = (200, 100, 50, 255)  # opaque
+    rgba[:, 4:8] = (200, 100, 50, 0)  # fully transparent
+    rgba[:, 8:] = (200, 100, 50, 128)  # half transparent
+    path = tmp_path / "rgba.png"
+    Image.fromarray(rgba, mode="RGBA").save(path)
+    array = read_image(path)
+    assert array.shape == (8, 12, 3)
+    assert array[3, 1].tolist() == [200, 100, 50]
+    assert array[3, 5].tolist() == [0, 0, 0]
+    expected = np.array([200, 100, 50]) * 128 / 255  # over black: colour * alpha
+    assert np.abs(array[3, 10].astype(float) - expected).max() <= 1.0
+    assert array[3, 10].tolist() != [200, 100, 50]  # not just alpha dropped
+
+
+def test_read_la_composites_on_black(tmp_path: Path) -> None:
+    la = np.zeros((8, 10, 2), dtype=np.uint8)
+    la[:, :5] = (200, 255)
+    la[:, 5:] = (200, 0)
+    path = tmp_path / "la.png"
+    Image.fromarray(la, mode="LA").save(path)
+    assert Image.open(path).mode == "LA"
+    array = read_image(path)
+    assert array.shape == (8, 10, 3)
+    assert array[4, 0].tolist() == [200, 200, 200]
+    assert array[4, 9].tolist() == [0, 0, 0]
+
+
+def test_read_cmyk_tiff(tmp_path: Path) -> None:
+    image = Image.new("CMYK", (10, 8), (0, 0, 0, 0))  # white
+    image.paste((0, 255, 255, 0), (0, 0, 5, 8))  # no cyan, full magenta+yellow: red
+    path = tmp_path / "cmyk.tif"
+    image.save(path)
+    assert Image.open(path).mode == "CMYK"
+    array = read_image(path)
+    assert array.shape == (8, 10, 3)
+    assert array[2, 1].tolist() == [255, 0, 0]
+    assert array[2, 8].tolist() == [255, 255, 255]
+
+
+def test_read_16_bit_grayscale_png_scales_full_range(tmp_path: Path) -> None:
+    values = np.zeros((9, 11), dtype=np.uint16)
+    values[0, 0] = 65535
+    values[0, 1] = 32896
+    values[0, 2] = 257
+    values[0, 3] = 200  # a dark 16-bit value must stay dark, not be read as 8-bit 200
+    path = tmp_path / "sixteen.png"
+    Image.fromarray(values).save(path)
+    assert Image.open(path).mode == "I;16"
+    array = read_image(path)
+    assert array.dtype == np.uint8
+    assert array.shape == (9, 11, 3)
+    assert array[0, 0].tolist() == [255, 255, 255]
+    assert array[0, 1].tolist() == [128, 128, 128]
+    assert array[0, 2].tolist() == [1, 1, 1]
+    assert array[0, 3].tolist() == [1, 1, 1]  # 200 * 255 / 65535 = 0.78 -> 1
+    assert array[5, 5].tolist() == [0, 0, 0]
+
+
+def test_read_float_tiff_in_unit_range(tmp_path: Path) -> None:
+    values = np.zeros((8, 9), dtype=np.float32)
+    values[0, 0] = 1.0
+    values[0, 1] = 0.5
+    values[0, 2] = 0.25
+    path = tmp_path / "float.tif"
+    Image.fromarray(values).save(path)
+    assert Image.open(path).mode == "F"
+    array = read_image(path)
+    assert array.dtype == np.uint8
+    assert array[0, 0].tolist() == [255, 255, 255]
+    assert array[0, 1].tolist() == [128, 128, 128]  # 127.5 rounds to even 128
+    assert array[0, 2].tolist() == [64, 64, 64]  # 63.75
+    assert array[4, 4].tolist() == [0, 0, 0]
+
+
+def test_read_float_tiff_above_one_is_not_rescaled(tmp_path: Path) -> None:
+    values = np.full((8, 8), 100.0, dtype=np.float32)
+    values[0, 0] = 300.0  # clipped
+    path = tmp_path / "float255.tif"
+    Image.fromarray(values).save(path)
+    array = read_image(path)
+    assert array[4, 4].tolist() == [100, 100, 100]
+    assert array[0, 0].tolist() == [255, 255, 255]
+
+
+def test_read_jpeg_applies_exif_orientation(tmp_path: Path) -> None:
+    stored = np.zeros((64, 40, 3), dtype=np.uint8)  # 40 wide, 64 high as stored
+    stored[:20, :20] = (255, 255, 255)  # a white block at the stored top-left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    path = tmp_path / "rotated.jpg"
+    Image.fromarray(stored).save(path, exif=exif.tobytes(), quality=95)
+    array = read_image(path)
+    assert array.shape == (40, 64, 3)  # width and height swapped
+    # Turning 90 degrees clockwise takes the top-left corner to the top-right.
+    assert array[:20, -20:].mean() > 200
+    assert array[:20, :20].mean() < 50
+    assert array[-20:, -20:].mean() < 50
+
+
+def test_read_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.png"
+    with pytest.raises(BadInputError, match=exact(f"'{path}': no such file")):
+        read_image(path)
+
+
+def test_read_folder_is_no_such_file(tmp_path: Path) -> None:
+    with pytest.raises(BadInputError, match=exact(f"'{tmp_path}': no such file")):
+        read_image(tmp_path)
+
+
+def test_read_text_file_named_png(tmp_path: Path) -> None:
+    path = tmp_path / "notes.png"
+    path.write_text("this is not an image\n")
+    message = f"'{path}': not a readable image (cannot identify image file '{path}')"
+    with pytest.raises(BadInputError, match=exact(message)):
+        read_image(path)
+
+
+def test_read_truncated_png(tmp_path: Path) -> None:
+    rgb = np.random.default_rng(1).integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
+    path = save_rgb(tmp_path / "cut.png", rgb)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(BadInputError, match=exact(f"'{path}': not a readable image (image file is truncated)")):
+        read_image(path)
+
+
+@pytest.mark.parametrize(("width", "height"), [(7, 8), (8, 7), (3, 3)])
+def test_read_too_small_image(tmp_path: Path, width: int, height: int) -> None:
+    path = save_gray(tmp_path / "tiny.png", 50, (height, width))
+    message = f"'{path}': image is {width}x{height} px, too small (at least 8x8)"
+    with pytest.raises(BadInputError, match=exact(message)):
+        read_image(path)
+
+
+def test_read_eight_by_eight_is_accepted(tmp_path: Path) -> None:
+    assert read_image(save_gray(tmp_path / "ok.png", 50, (8, 8))).shape == (8, 8, 3)
+
+
+def test_bad_input_error_is_value_error() -> None:
+    assert issubclass(BadInputError, ValueError)
+
+
+# ---------------------------------------------------------------------------
+# Finding images
+# ---------------------------------------------------------------------------
+
+
+def test_find_images_recursive_sorted_case_insensitive(tmp_path: Path) -> None:
+    save_gray(tmp_path / "sub" / "deeper" / "c.jpg", 1)
+    save_gray(tmp_path / "sub" / "b.PNG", 1)
+    save_gray(tmp_path / "d.JPEG", 1)
+    save_gray(tmp_path / "a.png", 1)
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "sub" / "model.safetensors").write_bytes(b"x")
+    (tmp_path / "folder.png").mkdir()  # a folder with an image suffix is not an image
+    found = find_images(tmp_path)
+    assert found == [
+        tmp_path / "a.png",
+        tmp_path / "d.JPEG",
+        tmp_path / "sub" / "b.PNG",
+        tmp_path / "sub" / "deeper" / "c.jpg",
+    ]
+
+
+def test_find_images_accepts_a_string(tmp_path: Path) -> None:
+    save_gray(tmp_path / "x.bmp", 1)
+    assert find_images(str(tmp_path)) == [tmp_path / "x.bmp"]
+
+
+def test_find_images_empty_folder(tmp_path: Path) -> None:
+    (tmp_path / "readme.txt").write_text("no images here")
+    listed = ", ".join(sorted(IMAGE_SUFFIXES))
+    assert listed == ".bmp, .jpeg, .jpg, .pgm, .png, .ppm, .tif, .tiff, .webp"
+    with pytest.raises(BadInputError, match=exact(f"'{tmp_path}': no images found (looked for {listed})")):
+        find_images(tmp_path)
+
+
+def test_find_images_not_a_folder(tmp_path: Path) -> None:
+    file = save_gray(tmp_path / "a.png", 1)
+    with pytest.raises(BadInputError, match=exact(f"'{file}': not a folder")):
+        find_images(file)
+    missing = tmp_path / "missing"
+    with pytest.raises(BadInputError, match=exact(f"'{missing}': not a folder")):
+        find_images(missing)
+
+
+def test_training_images_prefers_train_good(tmp_path: Path) -> None:
+    good = [save_gray(tmp_path / "train" / "good" / f"{i:03d}.png", 1) for i in range(3)]
+    save_gray(tmp_path / "test" / "good" / "900.png", 1)
+    save_gray(tmp_path / "test" / "crack" / "901.png", 1)
+    save_gray(tmp_path / "ground_truth" / "crack" / "901_mask.png", 255)
+    assert training_images(tmp_path) == good
+
+
+def test_training_images_whole_folder_without_train_good(tmp_path: Path) -> None:
+    images = [save_gray(tmp_path / "b.png", 1), save_gray(tmp_path / "train" / "a.png", 1)]
+    assert training_images(tmp_path) == [images[0], images[1]]  # sorted: b.png before train/
+
+
+# ---------------------------------------------------------------------------
+# MVTec test layout and masks
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def mvtec(tmp_path: Path) -> Path:
+    """test/good (2), test/scratch (2, one without mask), test/crack (1, wrong-size mask)."""
+    root = tmp_path / "bottle"
+    for name in ("000.png", "001.png"):
+        save_gray(root / "test" / "good" / name, 100, (16, 20))
+    save_gray(root / "test" / "scratch" / "000.png", 100, (16, 20))
+    save_gray(root / "test" / "scratch" / "001.png", 100, (16, 20))
+    mask = np.zeros((16, 20), dtype=np.uint8)
+    mask[2:5, 3:9] = 255
+    mask[10, 10] = 128  # just above the 127 cut
+    mask[11, 11] = 127  # just below
+    (root / "ground_truth" / "scratch").mkdir(parents=True)
+    Image.fromarray(mask).save(root / "ground_truth" / "scratch" / "000_mask.png")
+    save_gray(root / "test" / "crack" / "000.png", 100, (16, 20))
+    save_gray(root / "ground_truth" / "crack" / "000_mask.png", 255, (10, 12))
+    save_gray(root / "train" / "good" / "000.png", 100, (16, 20))
+    return root
+
+
+def test_test_samples_labels_types_and_masks(mvtec: Path) -> None:
+    samples = list_test_samples(mvtec)
+    assert [(s.path.relative_to(mvtec).as_posix(), s.defect_type, s.label) for s in samples] == [
+        ("test/crack/000.png", "crack", 1),
+        ("test/good/000.png", "good", 0),
+        ("test/good/001.png", "good", 0),
+        ("test/scratch/000.png", "scratch", 1),
+        ("test/scratch/001.png", "scratch", 1),
+    ]
+    masks = [s.mask_path for s in samples]
+    gt = mvtec / "ground_truth"
+    assert masks == [
+        gt / "crack" / "000_mask.png",
+        None,
+        None,
+        gt / "scratch" / "000_mask.png",
+        gt / "scratch" / "001_mask.png",  # missing, but named where it was expected
+    ]
+    assert not masks[4].exists()
+    assert all(isinstance(s, Sample) for s in samples)
+
+
+def test_read_mask_thresholds_at_127(mvtec: Path) -> None:
+    sample = next(s for s in list_test_samples(mvtec) if s.defect_type == "scratch" and s.path.name == "000.png")
+    mask = read_mask(sample.mask_path, sample.path, (16, 20))
+    assert mask.dtype == bool
+    assert mask.shape == (16, 20)
+    assert mask.sum() == 3 * 6 + 1
+    assert mask[2:5, 3:9].all()
+    assert mask[10, 10]
+    assert not mask[11, 11]
+
+
+def test_read_mask_missing_mask_message(mvtec: Path) -> None:
+    sample = next(s for s in list_test_samples(mvtec) if s.defect_type == "scratch" and s.path.name == "001.png")
+    message = f"'{sample.path}': defective test image has no mask (expected '{sample.mask_path}')"
+    with pytest.raises(BadInputError, match=exact(message)):
+        read_mask(sample.mask_path, sample.path, (16, 20))
+
+
+def test_read_mask_size_mismatch_names_both_sizes(mvtec: Path) -> None:
+    sample = next(s for s in list_test_samples(mvtec) if s.defect_type == "crack")
+    message = f"'{sample.mask_path}': mask is 12x10 px but its image '000.png' is 20x16 px"
+    with pytest.raises(BadInputError, match=exact(message)):
+        read_mask(sample.mask_path, sample.path, (16, 20))
+
+
+def test_read_mask_none_is_all_false(tmp_path: Path) -> None:
+    mask = read_mask(None, tmp_path / "good.png", (7, 9))
+    assert mask.dtype == bool
+    assert mask.shape == (7, 9)
+    assert not mask.any()
+
+
+def test_read_mask_bilevel_mode(tmp_path: Path) -> None:
+    bits = np.zeros((8, 10), dtype=bool)
+    bits[1, 2] = bits[6, 9] = True
+    path = tmp_path / "m.png"
+    Image.fromarray(bits).save(path)
+    assert Image.open(path).mode == "1"
+    mask = read_mask(path, tmp_path / "img.png", (8, 10))
+    np.testing.assert_array_equal(mask, bits)
+
+
+def test_read_mask_unreadable(tmp_path: Path) -> None:
+    path = tmp_path / "m_mask.png"
+    path.write_text("garbage")
+    message = f"'{path}': not a readable mask (cannot identify image file '{path}')"
+    with pytest.raises(BadInputError, match=exact(message)):
+        read_mask(path, tmp_path / "m.png", (8, 8))
+
+
+def test_test_samples_mask_without_mask_suffix(tmp_path: Path) -> None:
+    save_gray(tmp_path / "test" / "hole" / "005.png", 1)
+    plain = save_gray(tmp_path / "ground_truth" / "hole" / "005.png", 255)
+    [sample] = list_test_samples(tmp_path)
+    assert sample.mask_path == plain
+    assert sample.label == 1
+
+
+def test_test_samples_needs_test_folder(tmp_path: Path) -> None:
+    save_gray(tmp_path / "train" / "good" / "000.png", 1)
+    message = f"'{tmp_path}': no test/ folder (expected the MVTec AD layout test/<defect type>/*)"
+    with pytest.raises(BadInputError, match=exact(message)):
+        list_test_samples(tmp_path)
+
+
+def test_test_samples_empty_test_folder(tmp_path: Path) -> None:
+    (tmp_path / "test").mkdir()
+    with pytest.raises(BadInputError, match=exact(f"'{tmp_path / 'test'}': no test images")):
+        list_test_samples(tmp_path)
+
+
+# ---------------------------------------------------------------------------
+# Geometry
+# ---------------------------------------------------------------------------
+
+
+def test_input_size_with_and_without_crop() -> None:
+    assert Geometry().input_size == 256
+    assert Geometry(256, 224).input_size == 224
+    assert Geometry(64, None).input_size == 64
+
+
+def test_image_to_tensor_shape_without_crop() -> None:
+    rgb = np.zeros((30, 50, 3), dtype=np.uint8)
+    tensor = Geometry(64).image_to_tensor(rgb)
+    assert tensor.shape == (3, 64, 64)
+    assert tensor.dtype == torch.float32
+
+
+def test_image_to_tensor_shape_with_crop() -> None:
+    rgb = np.zeros((30, 50, 3), dtype=np.uint8)
+    assert Geometry(256, 224).image_to_tensor(rgb).shape == (3, 224, 224)
+    assert Geometry(64, 48).image_to_tensor(rgb).shape == (3, 48, 48)
+
+
+def test_image_to_tensor_normalises_mid_gray() -> None:
+    rgb = np.full((40, 40, 3), 128, dtype=np.uint8)
+    tensor = Geometry(32).image_to_tensor(rgb)
+    expected = (0.5 - MEAN) / STD
+    assert torch.allclose(tensor, expected.expand(3, 32, 32), atol=1e-2)
+    exact_value = (128 / 255 - MEAN) / STD
+    assert torch.allclose(tensor, exact_value.expand(3, 32, 32), atol=1e-5)
+    # Channels differ (the means and stds do): a wrong broadcast would show.
+    assert tensor[0, 0, 0] != pytest.approx(float(tensor[2, 0, 0]), abs=1e-3)
+
+
+def test_image_to_tensor_channel_order_and_orientation() -> None:
+    rgb = np.zeros((32, 32, 3), dtype=np.uint8)
+    rgb[:, :16, 0] = 255  # left half red
+    rgb[:16, :, 2] = 255  # top half blue
+    tensor = Geometry(32).image_to_tensor(rgb)
+    red_hi = (1 - IMAGENET_MEAN[0]) / IMAGENET_STD[0]
+    red_lo = (0 - IMAGENET_MEAN[0]) / IMAGENET_STD[0]
+    blue_hi = (1 - IMAGENET_MEAN[2]) / IMAGENET_STD[2]
+    blue_lo = (0 - IMAGENET_MEAN[2]) / IMAGENET_STD[2]
+    assert float(tensor[0, 20, 2]) == pytest.approx(red_hi, abs=1e-5)
+    assert float(tensor[0, 20, 29]) == pytest.approx(red_lo, abs=1e-5)
+    assert float(tensor[2, 2, 20]) == pytest.approx(blue_hi, abs=1e-5)
+    assert float(tensor[2, 29, 20]) == pytest.approx(blue_lo, abs=1e-5)
+    assert float(tensor[1].max()) == pytest.approx(-IMAGENET_MEAN[1] / IMAGENET_STD[1], abs=1e-5)
+
+
+def test_image_to_tensor_crop_is_centered() -> None:
+    rgb = np.zeros((64, 64, 3), dtype=np.uint8)
+    rgb[8:56, 8:56] = 255  # white exactly where a 64 -> crop 48 keeps
+    tensor = Geometry(64, 48).image_to_tensor(rgb)
+    white = (1 - MEAN) / STD
+    assert torch.allclose(tensor, white.expand(3, 48, 48), atol=1e-5)
+
+
+def test_mask_to_input_no_crop_nearest() -> None:
+    mask = np.zeros((64, 64), dtype=bool)
+    mask[:32, :32] = True
+    out = Geometry(32).mask_to_input(mask)
+    assert out.dtype == bool
+    assert out.shape == (32, 32)
+    assert out.sum() == 16 * 16
+    assert out[:16, :16].all()
+
+
+def test_mask_to_input_with_crop() -> None:
+    mask = np.zeros((64, 64), dtype=bool)
+    mask[:32, :32] = True
+    out = Geometry(32, 16).mask_to_input(mask)  # resized mask's [8:24, 8:24]
+    assert out.shape == (16, 16)
+    assert out.sum() == 8 * 8
+    assert out[:8, :8].all()
+
+
+def test_mask_to_input_nearest_keeps_single_pixels_binary() -> None:
+    mask = np.zeros((10, 10), dtype=bool)
+    mask[3, 7] = True
+    out = Geometry(40).mask_to_input(mask)  # upsampling x4 by nearest: a 4x4 block
+    assert out.shape == (40, 40)
+    assert out.sum() == 16
+    assert out[12:16, 28:32].all()
+
+
+def test_map_to_image_returns_image_size() -> None:
+    input_map = torch.rand(32, 32)
+    out = Geometry(32).map_to_image(input_map, (50, 70))
+    assert out.shape == (50, 70)
+    assert float(out.min()) >= float(input_map.min()) - 1e-6
+    assert float(out.max()) <= float(input_map.max()) + 1e-6
+
+
+def test_map_to_image_same_size_is_identity() -> None:
+    input_map = torch.rand(32, 32, generator=torch.Generator().manual_seed(0))
+    out = Geometry(32).map_to_image(input_map, (32, 32))
+    assert torch.allclose(out, input_map, atol=1e-6)
+
+
+def test_map_to_image_crop_border_is_map_minimum() -> None:
+    input_map = 1.0 + torch.linspace(0, 1, 16 * 16).reshape(16, 16)  # min 1.0, max 2.0
+    out = Geometry(32, 16).map_to_image(input_map, (64, 64))
+    assert out.shape == (64, 64)
+    # The crop covers [8, 24) of the 32 grid, i.e. [16, 48) of the 64 output; away from its
+    # edge (bilinear blends one pixel in) the outside is exactly the minimum.
+    minimum = torch.full((14, 64), 1.0)
+    assert torch.allclose(out[:14], minimum, atol=1e-6)
+    assert torch.allclose(out[-14:], minimum, atol=1e-6)
+    assert torch.allclose(out[:, :14], minimum.T, atol=1e-6)
+    assert torch.allclose(out[:, -14:], minimum.T, atol=1e-6)
+    assert float(out[40, 40]) > 1.5  # the map's high corner lands inside the crop
+
+
+# ---------------------------------------------------------------------------
+# load_batches
+# ---------------------------------------------------------------------------
+
+
+def test_load_batches_order_errors_and_sizes(tmp_path: Path) -> None:
+    paths = [save_gray(tmp_path / f"{i}.png", 20 * i, (10 + i, 12)) for i in range(7)]
+    bad = tmp_path / "3.png"
+    bad.write_text("broken")  # the fourth file is not an image
+    geometry = Geometry(32)
+    batches = list(load_batches(paths, geometry, batch_size=3))
+    assert [len(b) for b in batches] == [3, 3, 1]
+    items = [item for batch in batches for item in batch]
+    assert [item.path for item in items] == paths
+    assert items[3].tensor is None
+    assert items[3].error == f"'{bad}': not a readable image (cannot identify image file '{bad}')"
+    for i, item in enumerate(items):
+        if i == 3:
+            continue
+        assert item.error is None
+        assert item.tensor.shape == (3, 32, 32)
+        assert item.original_hw == (10 + i, 12)
+        assert item.rgb is None
+        expected = (20 * i / 255 - IMAGENET_MEAN[0]) / IMAGENET_STD[0]
+        assert float(item.tensor[0, 5, 5]) == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+def test_load_batches_many_paths_each_once(tmp_path: Path, workers: int) -> None:
+    base = [save_gray(tmp_path / f"{i:02d}.png", i, (8, 8)) for i in range(5)]
+    missing = tmp_path / "missing.png"
+    paths = [base[i % 5] for i in range(17)] + [missing]  # duplicates stay separate entries
+    batches = list(load_batches(paths, Geometry(32), batch_size=4, keep_rgb=True, workers=workers))
+    assert [len(b) for b in batches] == [4, 4, 4, 4, 2]
+    items = [item for batch in batches for item in batch]
+    assert [item.path for item in items] == paths
+    assert items[-1].error == f"'{missing}': no such file"
+    for i, item in enumerate(items[:-1]):
+        assert item.rgb.shape == (8, 8, 3)
+        assert int(item.rgb[0, 0, 0]) == i % 5
+
+
+def test_load_batches_exact_multiple_and_empty(tmp_path: Path) -> None:
+    paths = [save_gray(tmp_path / f"{i}.png", 1) for i in range(6)]
+    assert [len(b) for b in load_batches(paths, Geometry(32), batch_size=3)] == [3, 3]
+    assert [len(b) for b in load_batches(paths, Geometry(32), batch_size=10)] == [6]
+    assert list(load_batches([], Geometry(32), batch_size=3)) == []
+
+
+def test_an_empty_defect_folder_is_skipped_not_fatal(tmp_path: Path) -> None:
+    save_gray(tmp_path / "test" / "good" / "000.png", 1)
+    (tmp_path / "test" / "crack").mkdir()
+    samples = list_test_samples(tmp_path)
+    assert [(s.path.name, s.defect_type, s.label) for s in samples] == [("000.png", "good", 0)]
+
+
+def test_hidden_files_are_not_images(tmp_path: Path) -> None:
+    save_gray(tmp_path / "a.png", 1)
+    (tmp_path / "._a.png").write_bytes(b"\x00\x05\x16\x07 resource fork")
+    assert [p.name for p in find_images(tmp_path)] == ["a.png"]
+
+
+def test_batch_size_below_one_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=exact("batch size must be at least 1, got 0")):
+        next(load_batches([save_gray(tmp_path / "a.png", 1)], Geometry(64), batch_size=0))
