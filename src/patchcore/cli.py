@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -33,6 +34,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("running")
     group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     group.add_argument("--batch-size", type=int, default=8, help="images per backbone batch (default: %(default)s)")
+    group.add_argument("--index", choices=["exact", "ivf"], help="nearest-neighbour search: exact (default at fit) or ivf, approximate and faster on large banks; test/predict default: the model's")
     group.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -44,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     fit = commands.add_parser("fit", help="fit a model on good images")
     fit.add_argument("data", help="an MVTec-layout category folder (uses train/good) or any folder of good images")
     fit.add_argument("--out", required=True, metavar="MODEL", help="model file to write (.safetensors)")
+    fit.add_argument(
+        "--update", action="store_true",
+        help="add DATA's good images to the existing model MODEL (its settings are kept; the model options here are ignored) instead of fitting a new one",
+    )
     _add_fit_options(fit)
     _add_run_options(fit)
 
@@ -90,6 +96,7 @@ def _model_options(args: argparse.Namespace) -> dict:
         "calibration_fraction": args.calibration_fraction,
         "device": args.device,
         "batch_size": args.batch_size,
+        "index": args.index or "exact",
         "progress": not args.quiet,
     }
 
@@ -114,6 +121,25 @@ def _fit(args: argparse.Namespace, out: Path):
     return model, elapsed
 
 
+def _update(args: argparse.Namespace, out: Path) -> None:
+    from .model import PatchCore
+
+    if not out.is_file():
+        raise BadInputError(f"'{out}': no model to update (fit one first, without --update)")
+    images = training_images(args.data)
+    model = PatchCore.load(out, device=args.device, batch_size=args.batch_size, index=args.index, progress=not args.quiet)
+    before = model.memory_bank_.shape[0]
+    started = time.perf_counter()
+    model.update(images)
+    for message in model.skipped_:
+        _log(f"skipped {message}")
+    model.save(out)  # written to a temporary file, then renamed: the old model survives any failure
+    _log(
+        f"added {len(images) - len(model.skipped_)} images in {time.perf_counter() - started:.1f} s; memory bank "
+        f"{before} -> {model.memory_bank_.shape[0]} entries; {model.num_fit_images_} images in all; wrote {out}"
+    )
+
+
 def _test(model, args: argparse.Namespace, out: Path) -> dict:
     from .evaluate import evaluate, metrics_table
 
@@ -126,10 +152,12 @@ def _test(model, args: argparse.Namespace, out: Path) -> dict:
 def run(args: argparse.Namespace) -> int:
     from .model import PatchCore
 
-    if args.command == "fit":
+    if args.command == "fit" and args.update:
+        _update(args, Path(args.out))
+    elif args.command == "fit":
         _fit(args, Path(args.out))
     elif args.command == "test":
-        model = PatchCore.load(args.model, device=args.device, batch_size=args.batch_size, progress=not args.quiet)
+        model = PatchCore.load(args.model, device=args.device, batch_size=args.batch_size, index=args.index, progress=not args.quiet)
         _test(model, args, Path(args.out))
     elif args.command == "train":
         out = Path(args.out)
@@ -159,9 +187,9 @@ def _split_weights(item: str) -> tuple[str, str]:
 
 def _predict(args: argparse.Namespace) -> int:
     from .model import PatchCore
-    from .render import predict_picture, save_png
+    from .render import PictureWriter, predict_picture
 
-    model = PatchCore.load(args.model, device=args.device, batch_size=args.batch_size, progress=not args.quiet)
+    model = PatchCore.load(args.model, device=args.device, batch_size=args.batch_size, index=args.index, progress=not args.quiet)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     paths = expand_paths(args.paths)
@@ -169,7 +197,7 @@ def _predict(args: argparse.Namespace) -> int:
         raise BadInputError(f"no files found in {', '.join(args.paths)}")
     names = _picture_names(paths, args.paths)
     scored = failed = 0
-    with open(out / "predictions.jsonl", "w") as lines:
+    with open(out / "predictions.jsonl", "w") as lines, PictureWriter() as pictures:
         for prediction in model.iter_predictions(paths, keep_images=not args.no_pictures, threshold=args.threshold):
             record: dict = {"path": prediction.source}
             if prediction.error is not None:
@@ -181,7 +209,7 @@ def _predict(args: argparse.Namespace) -> int:
                 record.update(score=prediction.score, normalized_score=prediction.normalized_score, is_anomalous=prediction.is_anomalous)
                 if not args.no_pictures:
                     picture = out / "images" / names[prediction.source]
-                    save_png(picture, predict_picture(prediction.image, prediction.anomaly_map, model.calibration_, prediction.score, prediction.is_anomalous))
+                    pictures.submit(picture, partial(predict_picture, prediction.image, prediction.map_at, model.calibration_, prediction.score, prediction.is_anomalous))
                     record["picture"] = str(picture)
             lines.write(json.dumps(record) + "\n")
     _log(f"scored {scored} images, skipped {failed}; wrote {out / 'predictions.jsonl'}")

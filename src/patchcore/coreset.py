@@ -2,64 +2,187 @@
 
 The memory bank of all training patches is redundant: neighbouring patches of similar images
 are nearly the same. The greedy k-center pick keeps the subset whose farthest point from the
-subset is (approximately, within a factor 2) as close as possible, so every training patch stays
-near a kept one. Distances are measured on a random projection (Johnson-Lindenstrauss), which
-keeps them nearly unchanged at a fraction of the cost.
+subset is (within a factor 2 of the best possible) as close as possible, so every training patch
+stays near a kept one. Distances are measured on a seeded random projection to 128 dimensions
+(Johnson-Lindenstrauss), as the paper does, which keeps them nearly unchanged at a fraction of
+the cost.
+
+Each pick must find the point farthest from all picks so far. The plain way touches all N points
+at each of the M picks (N x M distance computations). On the CPU we skip most of them, exactly,
+with the triangle inequality: every point remembers its nearest pick a and the distance r to it.
+For a new pick c, d(x, c) >= d(a, c) - r, so whenever d(a, c) >= 2 r the new pick cannot be
+nearer than a and x is left alone. Only d(a, c) for the M picks so far is computed per pick, plus
+full distances for the few points near c. The result is the same as the plain loop's. On a GPU
+the plain loop is fast enough and runs with no host synchronisation per pick.
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
+import numba
+import numpy as np
 import torch
+
+#: points per parallel chunk in the CPU kernel; each chunk reports its own farthest point
+CHUNK = 4096
 
 
 def random_projection(features: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
     """Project (N, D) features to (N, dim) with a seeded Gaussian matrix; unchanged when D <= dim."""
     if features.shape[1] <= dim:
         return features
+    return features @ projection_matrix(features.shape[1], dim, seed).to(features.device, features.dtype)
+
+
+def projection_matrix(in_dim: int, out_dim: int, seed: int) -> torch.Tensor:
+    """The (in_dim, out_dim) Gaussian matrix, scaled so that lengths are kept on average."""
     generator = torch.Generator().manual_seed(seed)
-    matrix = torch.randn(features.shape[1], dim, generator=generator) / dim**0.5
-    return features @ matrix.to(features.device, features.dtype)
+    return torch.randn(in_dim, out_dim, generator=generator) / out_dim**0.5
 
 
 def greedy_coreset(
-    features: torch.Tensor,
+    points: torch.Tensor,
     count: int,
     seed: int = 0,
-    projection_dim: int = 128,
     on_progress: Callable[[int], None] | None = None,
+    initial_centres: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Indices of ``count`` rows of ``features`` chosen by greedy k-center selection.
+    """Indices of ``count`` rows of ``points`` (N, d) chosen by greedy k-center selection.
 
     The first pick is a seeded random row; each further pick is the row farthest from all picks
-    so far (ties go to the lowest index). ``on_progress(n)`` is told of every ``n`` new picks.
+    so far (ties go to the lowest index). With ``initial_centres`` (rows already in a memory
+    bank, in the same projection), selection goes on as if those were picked already: the first
+    pick is the row farthest from them. ``on_progress(n)`` is told of every ``n`` new picks.
     """
-    total = features.shape[0]
+    total = points.shape[0]
     if not 0 < count <= total:
         raise ValueError(f"coreset size must be between 1 and {total}, got {count}")
-    points = random_projection(features.float(), projection_dim, seed)
-    generator = torch.Generator().manual_seed(seed)
-    first = int(torch.randint(total, (1,), generator=generator))
+    points = points.float()
+    if initial_centres is not None:
+        initial_centres = initial_centres.float().to(points.device)
+    if points.device.type == "cpu":
+        picks = _greedy_cpu(points.contiguous().numpy(), count, seed, on_progress, initial_centres)
+        return torch.from_numpy(picks)
+    return _greedy_plain(points, count, seed, on_progress, initial_centres).cpu()
 
-    # Squared distance to the nearest pick so far, kept up to date with one pass per pick:
-    # |x - c|^2 = |x|^2 - 2 x.c + |c|^2, a matrix-vector product instead of an (N, D) difference.
+
+def _report(on_progress: Callable[[int], None] | None, count: int) -> Callable[[int], None]:
+    """A callback for the loop, telling ``on_progress`` of new picks about every 1% of them."""
+    every = max(1, count // 100)
+    reported = 0
+
+    def tell(step: int) -> None:
+        nonlocal reported
+        done = step + 1
+        if on_progress is not None and (done % every == 0 or done == count):
+            on_progress(done - reported)
+            reported = done
+
+    return tell
+
+
+def _greedy_cpu(points: np.ndarray, count: int, seed: int, on_progress, initial_centres: torch.Tensor | None) -> np.ndarray:
+    total = points.shape[0]
+    tell = _report(on_progress, count)
+    # Centre slots: the initial centres (if any) first, then the picks as they are made.
+    offset = 0 if initial_centres is None else initial_centres.shape[0]
+    centres = np.empty((offset + count, points.shape[1]), dtype=np.float32)
+    nearest = np.full(total, np.inf, dtype=np.float32)  # squared distance to the nearest centre
+    owner = np.zeros(total, dtype=np.int64)  # which centre slot that is
+    if offset:
+        centres[:offset] = initial_centres.contiguous().numpy()
+        # Start from the exact nearest initial centre of every point (a faiss search).
+        import faiss
+
+        index = faiss.IndexFlatL2(points.shape[1])
+        index.add(centres[:offset])
+        squared, found = index.search(points, 1)
+        nearest[:] = np.maximum(squared[:, 0], 0)
+        owner[:] = found[:, 0]
+        first = int(np.argmax(nearest))
+    else:
+        first = int(torch.randint(total, (1,), generator=torch.Generator().manual_seed(seed)))
+    picks = np.empty(count, dtype=np.int64)
+    gaps = np.empty(offset + count, dtype=np.float32)  # squared distance of each centre to the new one
+    chunk_best = np.empty((total + CHUNK - 1) // CHUNK, dtype=np.float32)
+    chunk_where = np.empty_like(chunk_best, dtype=np.int64)
+    pick = first
+    for step in range(count):
+        picks[step] = pick
+        slot = offset + step
+        centres[slot] = points[pick]
+        pick = _add_centre(points, centres, slot, nearest, owner, gaps, chunk_best, chunk_where)
+        tell(step)
+    return picks
+
+
+@numba.njit(parallel=True, fastmath=False, cache=True)
+def _add_centre(points, centres, slot, nearest, owner, gaps, chunk_best, chunk_where):  # pragma: no cover - compiled
+    """Make ``centres[slot]`` a centre: update every point's nearest centre; return the farthest point."""
+    dims = points.shape[1]
+    centre = centres[slot]
+    # Squared distance from the new centre to every earlier one.
+    for j in numba.prange(slot):
+        total = np.float32(0.0)
+        for k in range(dims):
+            diff = centres[j, k] - centre[k]
+            total += diff * diff
+        gaps[j] = total
+    chunks = chunk_best.shape[0]
+    size = points.shape[0]
+    for chunk in numba.prange(chunks):
+        start = chunk * CHUNK
+        stop = min(start + CHUNK, size)
+        best = np.float32(-1.0)
+        where = start
+        for i in range(start, stop):
+            radius = nearest[i]
+            # d(a, c) >= 2 r, i.e. gap >= 4 r^2, means c cannot be nearer than a: skip x.
+            if radius == np.inf or gaps[owner[i]] < 4.0 * radius:
+                total = np.float32(0.0)
+                for k in range(dims):
+                    diff = points[i, k] - centre[k]
+                    total += diff * diff
+                if total < radius:
+                    nearest[i] = total
+                    owner[i] = slot
+                    radius = total
+            if radius > best:
+                best = radius
+                where = i
+        chunk_best[chunk] = best
+        chunk_where[chunk] = where
+    # Farthest point overall; strict ">" in index order keeps the lowest index on ties.
+    best = np.float32(-1.0)
+    where = 0
+    for chunk in range(chunks):
+        if chunk_best[chunk] > best:
+            best = chunk_best[chunk]
+            where = chunk_where[chunk]
+    return where
+
+
+def _greedy_plain(points: torch.Tensor, count: int, seed: int, on_progress, initial_centres: torch.Tensor | None) -> torch.Tensor:
+    """One full distance pass per pick, all on the device (a GPU): |x - c|^2 = |x|^2 - 2 x.c + |c|^2."""
+    tell = _report(on_progress, count)
     squared_norms = points.square().sum(dim=1)
-    def squared_distances_to(index: torch.Tensor | int) -> torch.Tensor:
-        centre = points[index]
-        return torch.addmv(squared_norms, points, centre, alpha=-2.0).add_(squared_norms[index])
 
-    # Picks stay on the device: no per-pick synchronisation with the host on a GPU.
+    def squared_distances_to(index: torch.Tensor | int) -> torch.Tensor:
+        return torch.addmv(squared_norms, points, points[index], alpha=-2.0).add_(squared_norms[index])
+
+    if initial_centres is not None:
+        # Chunked, so that (N, M) distances never exist at once.
+        nearest = torch.cat([torch.cdist(chunk, initial_centres).min(dim=1).values.square() for chunk in points.split(8192)])
+        first: torch.Tensor | int = torch.argmax(nearest)
+    else:
+        first = int(torch.randint(points.shape[0], (1,), generator=torch.Generator().manual_seed(seed)))
+        nearest = torch.full((points.shape[0],), float("inf"), device=points.device)
     picks = torch.empty(count, dtype=torch.long, device=points.device)
-    picks[0] = first
-    nearest = squared_distances_to(first)
-    report_every = max(1, count // 100)
-    for step in range(1, count):
-        farthest = torch.argmax(nearest)
-        picks[step] = farthest
-        torch.minimum(nearest, squared_distances_to(farthest), out=nearest)
-        if on_progress is not None and step % report_every == 0:
-            on_progress(report_every)
-    if on_progress is not None:
-        on_progress((count - 1) % report_every + 1)
-    return picks.cpu()
+    pick = first
+    for step in range(count):
+        picks[step] = pick
+        torch.minimum(nearest, squared_distances_to(pick), out=nearest)
+        pick = torch.argmax(nearest)  # stays on the device: no per-pick synchronisation
+        tell(step)
+    return picks

@@ -6,6 +6,7 @@ import csv
 import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -14,7 +15,7 @@ import numpy as np
 from .data import BadInputError, list_test_samples, read_mask
 from .metrics import compute_metrics
 from .model import PatchCore
-from .render import save_png, test_picture
+from .render import PictureWriter, test_picture
 
 
 def evaluate(
@@ -36,11 +37,12 @@ def evaluate(
     calibration = model.calibration_
     rows, labels, scores, masks, maps, skipped = [], [], [], [], [], []
     started = time.perf_counter()
+    pictures_out = PictureWriter()
     for sample, prediction in zip(samples, model.iter_predictions([s.path for s in samples], keep_images=pictures)):
         try:
             if prediction.error is not None:
                 raise BadInputError(prediction.error)
-            mask = read_mask(sample.mask_path, sample.path, prediction.anomaly_map.shape)
+            mask = read_mask(sample.mask_path, sample.path, prediction.image_size)
         except BadInputError as error:
             report(f"skipped {error}")
             skipped.append(str(error))
@@ -53,7 +55,7 @@ def evaluate(
         if pictures:
             relative = sample.path.relative_to(Path(data) / "test")
             picture_path = out_dir / "images" / relative.parent / f"{relative.stem}.png"
-            save_png(picture_path, test_picture(prediction.image, prediction.anomaly_map, mask, calibration, prediction.score, prediction.is_anomalous))
+            pictures_out.submit(picture_path, partial(test_picture, prediction.image, prediction.map_at, mask, calibration, prediction.score, prediction.is_anomalous))
             picture = str(picture_path.relative_to(out_dir))
         rows.append(
             {
@@ -66,6 +68,7 @@ def evaluate(
                 "picture": picture,
             }
         )
+    pictures_out.close()
     elapsed = time.perf_counter() - started
     if not rows:
         raise BadInputError(f"'{data}': none of the {len(samples)} test images could be scored")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -23,12 +24,15 @@ from tqdm import tqdm
 from . import __version__
 from .backbones import build_feature_extractor, get_spec, load_pretrained_extractor
 from .calibrate import Calibration, calibrate
-from .coreset import greedy_coreset
+from .coreset import greedy_coreset, random_projection
 from .data import IMAGENET_MEAN, IMAGENET_STD, Geometry, LoadedImage, load_batches
 from .features import PatchFeatures
 from .maps import anomaly_maps
-from .search import NearestNeighbourIndex, reweighted_image_scores
+from .search import INDEX_KINDS, NearestNeighbourIndex, reweighted_image_scores
 from .storage import read_model, write_model
+
+#: dimensions of the random projection the coreset is selected on (as the paper and its code use)
+PROJECTION_DIM = 128
 
 ImageInput = Sequence[str | Path] | torch.Tensor
 """Image paths, or a float tensor (N, 3, H, W) of RGB values in [0, 1]."""
@@ -42,10 +46,20 @@ class Prediction:
     score: float = math.nan
     normalized_score: float = math.nan  # 0 = a typical good image, 1 = the threshold
     is_anomalous: bool = False
-    anomaly_map: np.ndarray | None = None  # (H, W) float32 at the image's own resolution
-    input_map: np.ndarray | None = None  # (S, S) on the model's input grid (for pixel metrics)
+    input_map: np.ndarray | None = None  # (S, S) anomaly map on the model's input grid (for pixel metrics)
+    image_size: tuple[int, int] | None = None  # (H, W) of the image
     image: np.ndarray | None = None  # RGB uint8, only when asked for (pictures)
     error: str | None = None
+    geometry: Geometry | None = field(default=None, repr=False, compare=False)
+
+    @cached_property
+    def anomaly_map(self) -> np.ndarray | None:
+        """(H, W) float32 anomaly map at the image's own resolution, made on first use."""
+        return None if self.error is not None else self.map_at(self.image_size)
+
+    def map_at(self, size_hw: tuple[int, int]) -> np.ndarray:
+        """The anomaly map brought to any (H, W) over the whole image, e.g. a picture's size."""
+        return self.geometry.map_to_image(torch.from_numpy(self.input_map), size_hw).numpy()
 
 
 def resolve_device(device: str) -> torch.device:
@@ -85,6 +99,7 @@ class PatchCore:
         device: str = "auto",
         batch_size: int = 8,
         weights: str | Path | None = None,
+        index: str = "exact",
         progress: bool = True,
     ) -> None:
         spec = get_spec(backbone)  # fails early on an unknown name
@@ -96,6 +111,8 @@ class PatchCore:
             raise ValueError(f"neighbors must be at least 1, got {num_neighbors}")
         if center_crop is not None and not 32 <= center_crop <= image_size:
             raise ValueError(f"center crop must be between 32 and the image size {image_size}, got {center_crop}")
+        if index not in INDEX_KINDS:
+            raise ValueError(f"unknown index {index!r}; choose one of: {', '.join(INDEX_KINDS)}")
         if batch_size < 1:
             raise ValueError(f"batch size must be at least 1, got {batch_size}")
         if image_size < 32:
@@ -110,6 +127,7 @@ class PatchCore:
         self.device = resolve_device(device)
         self.batch_size = batch_size
         self.weights = weights
+        self.index = index
         self.progress = progress
 
     # -----------------------------------------------------------------------------------------
@@ -134,33 +152,59 @@ class PatchCore:
         order = np.random.default_rng(self.seed).permutation(count)
         calibration_ids, fit_ids = np.sort(order[:held_out]), np.sort(order[held_out:])
 
-        features = self._extract_all(_subset(images, fit_ids), "features")
-        patches = features.reshape(-1, features.shape[-1])
-        self.feature_grid_ = tuple(features.shape[1:3])
-        self.num_fit_images_ = features.shape[0]
-
-        bank_size = max(1, round(self.coreset_ratio * patches.shape[0]))
-        if bank_size < patches.shape[0]:
-            with self._bar(bank_size, "coreset") as bar:
-                picks = greedy_coreset(patches, bank_size, seed=self.seed, on_progress=bar.update)
-            patches = patches[picks.to(patches.device)]
-        self.memory_bank_ = patches.contiguous()
-        del features
-        self.index_ = NearestNeighbourIndex(self.memory_bank_)
+        features, points = self._extract_patches(_subset(images, fit_ids), "features")
+        self.num_fit_images_ = len(features) // math.prod(self.feature_grid_)
+        self.memory_bank_ = self._select_coreset(features, points)
+        del features, points
+        self.index_ = NearestNeighbourIndex(self.memory_bank_, self.index)
 
         held_out_predictions = list(self._predict_batches(_subset(images, calibration_ids), "calibration"))
         self.skipped_ += [p.error for p in held_out_predictions if p.error]
         good = [p for p in held_out_predictions if p.error is None]
         if len(good) < 2:
             raise ValueError("fewer than 2 readable held-out images: cannot set the threshold")
-        self.calibration_ = calibrate(
-            np.array([p.score for p in good]), np.stack([p.input_map for p in good])
-        )
+        self.calibration_ = calibrate(np.array([p.score for p in good]), np.stack([p.input_map for p in good]))
         return self
 
-    def _extract_all(self, images: ImageInput, label: str) -> torch.Tensor:
-        """Patch features (N, h, w, D) of every readable image, in one preallocated block."""
-        features: torch.Tensor | None = None
+    def update(self, images: ImageInput) -> "PatchCore":
+        """Add good images to a fitted model without refitting from scratch.
+
+        The greedy k-center selection carries on from the current memory bank: of the new
+        images' patches, the ones the bank already covers are not added, and the bank grows by
+        ``coreset_ratio`` of the new patches, as if all images had been fitted together. The
+        thresholds are kept: new good images only lower the scores of good images.
+        """
+        self._check_fitted()
+        self.skipped_ = []
+        features, points = self._extract_patches(images, "features")
+        added = self._select_coreset(features, points, bank=self.memory_bank_)
+        self.memory_bank_ = torch.cat([self.memory_bank_, added.to(self.memory_bank_.device)])
+        self.num_fit_images_ += len(features) // math.prod(self.feature_grid_)
+        self.index_ = NearestNeighbourIndex(self.memory_bank_, self.index)
+        return self
+
+    def _select_coreset(self, features: torch.Tensor, points: torch.Tensor, bank: torch.Tensor | None = None) -> torch.Tensor:
+        """``coreset_ratio`` of the patches, by greedy k-center selection on their projection."""
+        size = max(1, round(self.coreset_ratio * len(features)))
+        if size == len(features) and bank is None:
+            return features.float().contiguous()
+        initial = None if bank is None else self._project(bank)
+        with self._bar(size, "coreset") as bar:
+            picks = greedy_coreset(points, size, seed=self.seed, on_progress=bar.update, initial_centres=initial)
+        return features[picks.to(features.device)].float().contiguous()
+
+    def _project(self, features: torch.Tensor) -> torch.Tensor:
+        """The coreset's view of patch features: a seeded random projection to 128 dimensions."""
+        return random_projection(features.float(), PROJECTION_DIM, self.seed)
+
+    def _extract_patches(self, images: ImageInput, label: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch features (N * h * w, D) of every readable image and their projection for the coreset.
+
+        Memory is preallocated once and filled batch by batch. Wide features (more than the
+        projection's 128 dimensions, e.g. 1536 for Wide ResNet-50) are kept in float16 until the
+        coreset is chosen, halving the largest block of a fit; the chosen rows return to float32.
+        """
+        features = points = None
         filled = 0
         with self._bar(len(images), label) as bar:
             for batch, loaded in self._input_batches(images):
@@ -169,13 +213,19 @@ class PatchCore:
                 if batch is None:
                     continue
                 output = self.patch_features_(batch.to(self.device))
+                self.feature_grid_ = tuple(output.shape[1:3])
+                flat = output.reshape(-1, output.shape[-1])
                 if features is None:
-                    features = torch.empty((len(images), *output.shape[1:]), dtype=output.dtype, device=self.device)
-                features[filled : filled + len(output)] = output
-                filled += len(output)
+                    rows, wide = len(images) * len(flat) // len(output), flat.shape[1] > PROJECTION_DIM
+                    features = torch.empty((rows, flat.shape[1]), dtype=torch.float16 if wide else torch.float32, device=self.device)
+                    points = torch.empty((rows, PROJECTION_DIM), device=self.device) if wide else features
+                features[filled : filled + len(flat)] = flat
+                if points is not features:
+                    points[filled : filled + len(flat)] = self._project(flat)
+                filled += len(flat)
         if features is None or filled == 0:
             raise ValueError("no readable training images")
-        return features[:filled]
+        return features[:filled], points[:filled]
 
     # -----------------------------------------------------------------------------------------
     # Scoring
@@ -217,9 +267,10 @@ class PatchCore:
                         score=score,
                         normalized_score=float(calibration.normalize_scores(score)) if calibration else math.nan,
                         is_anomalous=score >= cut,
-                        anomaly_map=self.geometry.map_to_image(input_map, item.original_hw).numpy(),
                         input_map=input_map.numpy(),
+                        image_size=item.original_hw,
                         image=item.rgb,
+                        geometry=self.geometry,
                     )
 
     @torch.inference_mode()
@@ -277,6 +328,7 @@ class PatchCore:
             "center_crop": self.geometry.crop_size,
             "coreset_ratio": self.coreset_ratio,
             "num_neighbors": self.num_neighbors,
+            "index": self.index,
             "seed": self.seed,
             "calibration_fraction": self.calibration_fraction,
             "feature_grid": list(self.feature_grid_),
@@ -287,8 +339,11 @@ class PatchCore:
         }
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "auto", batch_size: int = 8, progress: bool = True) -> "PatchCore":
-        """Read a model written by :meth:`save`; damaged, foreign or newer files raise :class:`ModelFileError`."""
+    def load(cls, path: str | Path, device: str = "auto", batch_size: int = 8, index: str | None = None, progress: bool = True) -> "PatchCore":
+        """Read a model written by :meth:`save`; damaged, foreign or newer files raise :class:`ModelFileError`.
+
+        ``index`` overrides the search the model was saved with (``exact`` or ``ivf``).
+        """
         from .storage import ModelFileError
 
         tensors, settings = read_model(path)
@@ -304,6 +359,7 @@ class PatchCore:
                 calibration_fraction=settings["calibration_fraction"],
                 device=device,
                 batch_size=batch_size,
+                index=index or settings.get("index", "exact"),
                 progress=progress,
             )
             extractor = build_feature_extractor(get_spec(model.backbone), model.layers)
@@ -317,7 +373,7 @@ class PatchCore:
             raise ModelFileError(f"'{path}': damaged model file (settings or tensors inconsistent: {str(error).splitlines()[0]})") from None
         model.patch_features_ = PatchFeatures(extractor, model.layers).to(model.device)
         model.memory_bank_ = bank.to(model.device)
-        model.index_ = NearestNeighbourIndex(model.memory_bank_)
+        model.index_ = NearestNeighbourIndex(model.memory_bank_, model.index)
         model.skipped_ = []
         return model
 

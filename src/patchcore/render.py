@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -15,15 +18,18 @@ GROUND_TRUTH_COLOUR = (0, 220, 0)
 PREDICTED_COLOUR = (255, 40, 40)
 
 
-def fit_panel(rgb: np.ndarray, anomaly_map: np.ndarray, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Scale an image, its map and mask together so the longest side is at most :data:`PANEL_SIZE`."""
-    height, width = rgb.shape[:2]
+def panel_size(size_hw: tuple[int, int]) -> tuple[int, int]:
+    """(H, W) of a picture panel: the image's own size, shrunk so the longest side is at most :data:`PANEL_SIZE`."""
+    height, width = size_hw
     scale = min(1.0, PANEL_SIZE / max(height, width))
-    if scale == 1.0:
-        return rgb, anomaly_map, mask
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    small_mask = None if mask is None else cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
-    return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA), cv2.resize(anomaly_map, size, interpolation=cv2.INTER_LINEAR), small_mask
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def _resize(array: np.ndarray, size_hw: tuple[int, int], nearest: bool = False) -> np.ndarray:
+    if array.shape[:2] == tuple(size_hw):
+        return array
+    interpolation = cv2.INTER_NEAREST if nearest else cv2.INTER_AREA
+    return cv2.resize(array, (size_hw[1], size_hw[0]), interpolation=interpolation)
 
 
 def heat_overlay(rgb: np.ndarray, anomaly_map: np.ndarray, calibration: Calibration) -> np.ndarray:
@@ -48,9 +54,15 @@ def _caption(panel: np.ndarray, text: str) -> np.ndarray:
     return np.vstack([band, panel])
 
 
-def test_picture(rgb: np.ndarray, anomaly_map: np.ndarray, mask: np.ndarray, calibration: Calibration, score: float, is_anomalous: bool) -> np.ndarray:
+MapAt = Callable[[tuple[int, int]], np.ndarray]
+"""Gives the anomaly map at a requested (H, W): maps are made at the size they are shown at."""
+
+
+def test_picture(rgb: np.ndarray, map_at: MapAt, mask: np.ndarray, calibration: Calibration, score: float, is_anomalous: bool) -> np.ndarray:
     """image | heat-map overlay | ground-truth outline | predicted outline, side by side."""
-    rgb, anomaly_map, mask = fit_panel(rgb, anomaly_map, mask)
+    size = panel_size(rgb.shape[:2])
+    rgb, anomaly_map = _resize(rgb, size), map_at(size)
+    mask = _resize(mask.astype(np.uint8), size, nearest=True).astype(bool)
     verdict = "anomalous" if is_anomalous else "good"
     panels = [
         _caption(rgb, "image"),
@@ -61,11 +73,43 @@ def test_picture(rgb: np.ndarray, anomaly_map: np.ndarray, mask: np.ndarray, cal
     return np.hstack(panels)
 
 
-def predict_picture(rgb: np.ndarray, anomaly_map: np.ndarray, calibration: Calibration, score: float, is_anomalous: bool) -> np.ndarray:
+def predict_picture(rgb: np.ndarray, map_at: MapAt, calibration: Calibration, score: float, is_anomalous: bool) -> np.ndarray:
     """image | heat-map overlay with the predicted outline, at the image's own resolution."""
+    anomaly_map = map_at(rgb.shape[:2])
     overlay = draw_outline(heat_overlay(rgb, anomaly_map, calibration), anomaly_map >= calibration.pixel_threshold, PREDICTED_COLOUR)
     verdict = "anomalous" if is_anomalous else "good"
     return np.hstack([_caption(rgb, "image"), _caption(overlay, f"score {calibration.normalize_scores(score):.2f} ({verdict})")])
+
+
+class PictureWriter:
+    """Renders and writes pictures on a background thread while the caller scores the next batch.
+
+    At most ``pending`` pictures wait at a time, so memory stays flat; errors surface on the
+    caller's thread, at the latest when the writer is closed.
+    """
+
+    def __init__(self, pending: int = 8) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._waiting: deque[Future[None]] = deque()
+        self._pending = pending
+
+    def submit(self, path: Path, render: Callable[[], np.ndarray]) -> None:
+        self._waiting.append(self._pool.submit(lambda: save_png(path, render())))
+        while len(self._waiting) > self._pending:
+            self._waiting.popleft().result()
+
+    def close(self) -> None:
+        try:
+            while self._waiting:
+                self._waiting.popleft().result()
+        finally:
+            self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> "PictureWriter":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 def save_png(path: Path, rgb: np.ndarray) -> None:

@@ -3,14 +3,18 @@
 import pytest
 import torch
 
-from patchcore.coreset import greedy_coreset, random_projection
+from patchcore.coreset import _greedy_plain, greedy_coreset, random_projection
 
 
-def brute_force_greedy(points: torch.Tensor, count: int, first: int) -> list[int]:
-    """Algorithm 1 of the paper, literally: each pick maximises the distance to its nearest pick."""
-    picks = [first]
-    for _ in range(count - 1):
-        distances = torch.cdist(points.double(), points[picks].double()).min(dim=1).values
+def brute_force_greedy(points: torch.Tensor, count: int, first: int | None, initial: torch.Tensor | None = None) -> list[int]:
+    """Algorithm 1 of the paper, literally: each pick maximises the distance to its nearest centre.
+
+    With ``initial`` centres, the first pick is the point farthest from them."""
+    centres = torch.empty(0, points.shape[1], dtype=torch.float64) if initial is None else initial.double()
+    picks = [] if first is None else [first]
+    while len(picks) < count:
+        chosen = torch.cat([centres, points[picks].double()])
+        distances = torch.cdist(points.double(), chosen).min(dim=1).values
         picks.append(int(torch.argmax(distances)))
     return picks
 
@@ -40,7 +44,7 @@ def test_selection_on_projection_matches_brute_force_on_the_same_projection():
     wide = torch.randn(400, 512, generator=torch.Generator().manual_seed(1))
     projected = random_projection(wide, 128, seed=2)
     assert projected.shape == (400, 128)
-    picks = greedy_coreset(wide, 30, seed=2, projection_dim=128).tolist()
+    picks = greedy_coreset(projected, 30, seed=2).tolist()
     assert picks == brute_force_greedy(projected, 30, picks[0])
 
 
@@ -75,3 +79,26 @@ def test_progress_counts_every_pick(points):
 def test_bad_sizes(points, count):
     with pytest.raises(ValueError, match=r"coreset size must be between 1 and 600, got " + str(count)):
         greedy_coreset(points, count)
+
+
+def test_selection_carries_on_from_initial_centres(points):
+    bank = torch.randn(40, 16, generator=torch.Generator().manual_seed(9))
+    picks = greedy_coreset(points, 50, seed=0, initial_centres=bank).tolist()
+    assert picks == brute_force_greedy(points, 50, None, initial=bank)
+
+
+def test_the_device_loop_picks_the_same_points(points):
+    # The GPU path (one full pass per pick, no pruning) run here on the CPU tensor.
+    assert _greedy_plain(points, 80, 4, None, None).tolist() == greedy_coreset(points, 80, seed=4).tolist()
+    bank = points[:5] + 0.1
+    assert _greedy_plain(points, 30, 0, None, bank).tolist() == greedy_coreset(points, 30, initial_centres=bank).tolist()
+
+
+def test_clustered_data_with_duplicates_matches_brute_force():
+    # Real patches come in tight clusters with exact duplicates: the pruning must stay exact there.
+    generator = torch.Generator().manual_seed(12)
+    centres = torch.randn(30, 8, generator=generator) * 10
+    cloud = centres[torch.randint(30, (3000,), generator=generator)] + 0.05 * torch.randn(3000, 8, generator=generator)
+    cloud[1500:1600] = cloud[:100]
+    picks = greedy_coreset(cloud, 200, seed=1).tolist()
+    assert picks == brute_force_greedy(cloud, 200, picks[0])

@@ -33,3 +33,13 @@ def test_blur_spreads_a_single_hot_patch_like_a_gaussian_of_sigma_4():
         mean = (weights * positions).sum()
         return float((weights * (positions - mean) ** 2).sum())
     assert abs(variance(blurred.sum(0)) - variance(sharp.sum(0)) - 16.0) < 0.5
+
+
+def test_map_equals_interpolation_then_torchvisions_gaussian_blur():
+    import torch.nn.functional as F
+    from torchvision.transforms.v2.functional import gaussian_blur
+
+    scores = torch.rand(3, 28, 32, generator=torch.Generator().manual_seed(0))
+    upsampled = F.interpolate(scores[:, None], size=(224, 224), mode="bilinear", align_corners=False)
+    expected = gaussian_blur(upsampled, kernel_size=[33, 33], sigma=[4.0, 4.0])[:, 0]
+    assert torch.allclose(anomaly_maps(scores, 224), expected, atol=1e-5)
