@@ -11,9 +11,12 @@ Each pick must find the point farthest from all picks so far. The plain way touc
 at each of the M picks (N x M distance computations). On the CPU we skip most of them, exactly,
 with the triangle inequality: every point remembers its nearest pick a and the distance r to it.
 For a new pick c, d(x, c) >= d(a, c) - r, so whenever d(a, c) >= 2 r the new pick cannot be
-nearer than a and x is left alone. Only d(a, c) for the M picks so far is computed per pick, plus
-full distances for the few points near c. The result is the same as the plain loop's. On a GPU
-the plain loop is fast enough and runs with no host synchronisation per pick.
+nearer than a and x is left alone. Per pick, d(a, c) is computed for the picks so far and every
+point is checked against its bound (12 bytes read instead of its 512-byte feature); a full
+distance is computed only for the points the bound does not rule out (about 1% of them on MVTec
+bottle). The picks are the plain loop's. The check still visits every point at every pick, so
+the cost grows with N x M, at a much smaller constant. On a GPU the plain loop is fast enough
+and runs with no host synchronisation per pick.
 """
 
 from __future__ import annotations

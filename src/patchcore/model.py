@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -139,6 +140,7 @@ class PatchCore:
         A seeded share of the images (``calibration_fraction``, at least 2) is held out of the
         bank and scored to set the thresholds. Unreadable images are reported and skipped.
         """
+        clock = _PhaseClock()
         torch.manual_seed(self.seed)
         extractor, weights_sha = load_pretrained_extractor(self.backbone, self.layers, self.weights)
         self.patch_features_ = PatchFeatures(extractor, self.layers).to(self.device)
@@ -152,10 +154,13 @@ class PatchCore:
         order = np.random.default_rng(self.seed).permutation(count)
         calibration_ids, fit_ids = np.sort(order[:held_out]), np.sort(order[held_out:])
 
+        clock.lap("load_backbone")
         features, points = self._extract_patches(_subset(images, fit_ids), "features")
         self.num_fit_images_ = len(features) // math.prod(self.feature_grid_)
+        clock.lap("features")
         self.memory_bank_ = self._select_coreset(features, points)
         del features, points
+        clock.lap("coreset")
         self.index_ = NearestNeighbourIndex(self.memory_bank_, self.index)
 
         held_out_predictions = list(self._predict_batches(_subset(images, calibration_ids), "calibration"))
@@ -164,6 +169,8 @@ class PatchCore:
         if len(good) < 2:
             raise ValueError("fewer than 2 readable held-out images: cannot set the threshold")
         self.calibration_ = calibrate(np.array([p.score for p in good]), np.stack([p.input_map for p in good]))
+        clock.lap("index_and_calibration")
+        self.fit_seconds_ = clock.laps
         return self
 
     def update(self, images: ImageInput) -> "PatchCore":
@@ -385,6 +392,19 @@ class PatchCore:
 
     def _bar(self, total: int, label: str) -> tqdm:
         return tqdm(total=total, desc=f"{label:>11}", unit="img" if label != "coreset" else "pick", disable=not self.progress, file=sys.stderr, leave=False, dynamic_ncols=True)
+
+
+class _PhaseClock:
+    """Wall time of each phase of a fit, for users and benchmarks (``fit_seconds_``)."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.laps[phase] = now - self._last
+        self._last = now
 
 
 def _subset(images: ImageInput, ids: np.ndarray) -> ImageInput:

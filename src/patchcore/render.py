@@ -74,11 +74,15 @@ def test_picture(rgb: np.ndarray, map_at: MapAt, mask: np.ndarray, calibration: 
 
 
 def predict_picture(rgb: np.ndarray, map_at: MapAt, calibration: Calibration, score: float, is_anomalous: bool) -> np.ndarray:
-    """image | heat-map overlay with the predicted outline, at the image's own resolution."""
+    """The heat map over the image with the predicted outline, at the image's own resolution.
+
+    One panel, not image | overlay: the image is the user's own file, and encoding the PNG is
+    most of the cost of a picture.
+    """
     anomaly_map = map_at(rgb.shape[:2])
     overlay = draw_outline(heat_overlay(rgb, anomaly_map, calibration), anomaly_map >= calibration.pixel_threshold, PREDICTED_COLOUR)
     verdict = "anomalous" if is_anomalous else "good"
-    return np.hstack([_caption(rgb, "image"), _caption(overlay, f"score {calibration.normalize_scores(score):.2f} ({verdict})")])
+    return _caption(overlay, f"score {calibration.normalize_scores(score):.2f} ({verdict})")
 
 
 class PictureWriter:

@@ -22,8 +22,8 @@ class NearestNeighbourIndex:
     (recall measured by ``benchmarks/speed.py``) at a fraction of the cost of a full scan.
     """
 
-    #: queries per chunk on the GPU: bounds the (chunk, bank) distance matrix
-    GPU_CHUNK = 4096
+    #: distances per chunk on the GPU (2^27 floats = 512 MB): bounds the (queries, bank) matrix
+    GPU_CHUNK_ELEMENTS = 2**27
     #: cells an approximate (IVF) query visits
     IVF_PROBES = 8
 
@@ -65,17 +65,22 @@ class NearestNeighbourIndex:
                 squared = torch.where(missing, squared[:, :1], squared)
                 indices = torch.where(missing, indices[:, :1], indices)
         else:
-            parts = [self._search_chunk(chunk, k) for chunk in queries.split(self.GPU_CHUNK)]
-            squared = torch.cat([p[0] for p in parts])
-            indices = torch.cat([p[1] for p in parts])
+            squared, indices = matmul_search(self.bank, self._squared_norms, queries, k, max(1, self.GPU_CHUNK_ELEMENTS // len(self)))
         # The |q|^2 - 2 q.b + |b|^2 expansion can round slightly below zero.
         return squared.clamp_(min=0).sqrt_(), indices.long()
 
-    def _search_chunk(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        squared = torch.addmm(self._squared_norms[None, :], queries, self.bank.T, alpha=-2.0)
-        squared += queries.square().sum(dim=1, keepdim=True)
-        values, indices = torch.topk(squared, k, dim=1, largest=False)
-        return values, indices
+
+
+def matmul_search(bank: torch.Tensor, squared_norms: torch.Tensor, queries: torch.Tensor, k: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact k nearest squared distances by |q|^2 - 2 q.b + |b|^2, ``rows`` queries at a time."""
+    distances, indices = [], []
+    for chunk in queries.split(rows):
+        squared = torch.addmm(squared_norms[None, :], chunk, bank.T, alpha=-2.0)
+        squared += chunk.square().sum(dim=1, keepdim=True)
+        values, found = torch.topk(squared, k, dim=1, largest=False)
+        distances.append(values)
+        indices.append(found)
+    return torch.cat(distances), torch.cat(indices)
 
 
 def reweighted_image_scores(

@@ -123,7 +123,7 @@ def test_predict_command_reports_bad_files_and_scores_the_rest(model_file, welds
         assert set(record) == {"path", "score", "normalized_score", "is_anomalous", "picture"}
         width, height = Image.open(good[0]).size
         picture = Image.open(record["picture"])
-        assert picture.size == (2 * width, height + 24)  # image | overlay, with a caption band
+        assert picture.size == (width, height + 24)  # the overlay at the image's size, with a caption band
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert err.count("\nskipped ") + err.startswith("skipped ") == 2 and "scored 3 images, skipped 2" in err

@@ -66,3 +66,32 @@ def test_one_neighbour_gives_the_plain_largest_patch_score():
     patch = distances[:, 0].reshape(2, 16)
     scores = reweighted_image_scores(index, features, patch, nearest[:, 0].reshape(2, 16), num_neighbors=1)
     assert torch.equal(scores, patch.max(dim=1).values)
+
+
+def test_the_gpu_matmul_search_matches_brute_force_in_small_chunks():
+    from patchcore.search import matmul_search
+
+    bank, queries = make_bank(), make_bank(70, seed=4)
+    squared, indices = matmul_search(bank, bank.square().sum(dim=1), queries, 3, rows=16)
+    expected = torch.cdist(queries.double(), bank.double()).topk(3, dim=1, largest=False)
+    assert torch.equal(indices, expected.indices)
+    assert torch.allclose(squared.clamp(min=0).sqrt().double(), expected.values, atol=1e-4)
+
+
+def test_ivf_finds_the_exact_neighbour_on_clustered_data():
+    generator = torch.Generator().manual_seed(6)
+    centres = torch.randn(40, 16, generator=generator) * 5
+    bank = centres[torch.randint(40, (4000,), generator=generator)] + 0.3 * torch.randn(4000, 16, generator=generator)
+    queries = centres[torch.randint(40, (500,), generator=generator)] + 0.3 * torch.randn(500, 16, generator=generator)
+    exact = NearestNeighbourIndex(bank, "exact").search(queries)[1][:, 0]
+    approximate_index = NearestNeighbourIndex(bank, "ivf")
+    assert approximate_index._faiss.nlist == 102 and approximate_index._faiss.nprobe == 8  # min(2 sqrt(4000), 4000 // 39)
+    recall = float((approximate_index.search(queries)[1][:, 0] == exact).float().mean())
+    assert recall >= 0.99
+
+
+def test_unknown_index_kind():
+    import pytest
+
+    with pytest.raises(ValueError, match="unknown index 'hnsw'; choose one of: exact, ivf"):
+        NearestNeighbourIndex(make_bank(), "hnsw")

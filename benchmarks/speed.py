@@ -1,0 +1,477 @@
+"""Speed, memory and accuracy of patchcore's fit and scoring, side by side with a plain reference.
+
+    .venv/bin/python benchmarks/speed.py [--data ../shared/data] [--out benchmarks/results]
+                                         [--skip-scale] [--sizes 50 100 200 400 800] [--device cpu]
+
+On MVTec AD bottle with MobileNetV2 (256 px, 10% coreset) it measures, in one run:
+
+- fit: feature extraction, coreset selection and total wall time, and peak memory, for
+  patchcore and for a plain reference (exact greedy selection with one full distance pass per
+  pick, and exact brute-force search, as anomalib does), and the ratio between the two;
+- scoring: images per second over the bottle's 292 train and test images with a picture written
+  per image (`patchcore predict`), and the per-image split (decode and resize, backbone,
+  nearest-neighbour search with eq. 7, map upsampling and blur) for each search path;
+- accuracy of each path (image and pixel AUROC on the test set), and the recall of the
+  approximate (IVF) index against exact search;
+- scale: fit time and peak memory for 50 to 800 training images (bottle, extended by flips and
+  rotations) with MobileNetV2 and with Wide ResNet-50 (random weights: timing only).
+
+Every fit runs in a child process, so that each peak memory figure (maximum resident set size)
+is its own. Results go to speed.json and speed.md, and the scale curves to speed_scale.png.
+anomalib 2.7's figures are its last recorded ones (benchmarks/results/anomalib_2_7.json if a rerun
+wrote it, else those measured on this kind of machine in ../shared/PEERS.md); ``--anomalib``
+installs anomalib 2.7 into its own venv and reruns it in the same run (about 35 minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+RECORDED_ANOMALIB = REPO / "benchmarks" / "results" / "anomalib_2_7.json"
+#: anomalib 2.7 PatchCore, MobileNetV2 (features.6, features.13), bottle, 256 px, 10% coreset,
+#: measured on this kind of machine (2 CPU cores), from ../shared/PEERS.md and the issue; a
+#: rerun (--anomalib) replaces these with its own figures in RECORDED_ANOMALIB.
+ANOMALIB = {"fit_seconds": 2014.0, "scoring_images_per_second": 4.9, "peak_memory_gb": 1.9, "image_auroc": 1.000, "pixel_auroc": 0.981, "source": "../shared/PEERS.md"}
+if RECORDED_ANOMALIB.is_file():
+    ANOMALIB = json.loads(RECORDED_ANOMALIB.read_text())
+
+
+def rerun_anomalib(data: Path) -> dict:
+    """Install anomalib 2.7 into its own venv (.venv-anomalib) and run its PatchCore on bottle (about 35 minutes)."""
+    from patchcore.backbones import find_weights_file, get_spec
+
+    venv = REPO / ".venv-anomalib"
+    python = venv / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+        subprocess.run([*pip, "torch==2.14.1", "torchvision==0.29.1", "anomalib==2.7.0"], check=True)
+    weights = find_weights_file(get_spec("mobilenet_v2"), download=False)
+    command = [str(python), str(REPO / "benchmarks" / "anomalib_patchcore.py"), "--data", str(data), "--weights", str(weights)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"anomalib run failed:\n{done.stderr[-4000:]}")
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    figures["source"] = f"benchmarks/speed.py --anomalib, {time.strftime('%Y-%m-%d')}, {machine()}"
+    RECORDED_ANOMALIB.write_text(json.dumps(figures, indent=2) + "\n")
+    return figures
+
+
+# ---------------------------------------------------------------------------------------------
+# Child-process work: one fit, measured on its own
+
+
+def reference_greedy(points, count, seed=0, on_progress=None, initial_centres=None):
+    """The plain loop: one full float32 distance pass over all points per pick (anomalib's way)."""
+    from patchcore.coreset import _greedy_plain
+
+    return _greedy_plain(points.float(), count, seed, on_progress, initial_centres).cpu()
+
+
+class ReferenceSearch:
+    """Exact brute-force search as anomalib writes it: x^2 - 2xy + y^2 by matrix product, 1024 queries a chunk."""
+
+    def __init__(self, bank, kind="exact"):
+        import torch
+
+        self.bank = bank.float().contiguous()
+        self.device = bank.device
+        self.kind = kind
+        self._norms = self.bank.square().sum(dim=1)
+        self._torch = torch
+
+    def __len__(self):
+        return self.bank.shape[0]
+
+    def search(self, queries, k=1):
+        torch = self._torch
+        k = min(k, len(self))
+        distances, indices = [], []
+        for chunk in queries.to(self.device, torch.float32).split(1024):
+            squared = chunk.square().sum(dim=1, keepdim=True) - 2 * chunk @ self.bank.T + self._norms[None]
+            values, found = torch.topk(squared, k, dim=1, largest=False)
+            distances.append(values.clamp(min=0).sqrt())
+            indices.append(found)
+        return torch.cat(distances), torch.cat(indices)
+
+
+def reference_maps(patch_scores, size, sigma=4.0):
+    """Upsample with F.interpolate, blur with torchvision's 2-D Gaussian (33 x 33 kernel)."""
+    import torch.nn.functional as F
+    from torchvision.transforms.v2.functional import gaussian_blur
+
+    upsampled = F.interpolate(patch_scores[:, None].float(), size=(size, size), mode="bilinear", align_corners=False)
+    return gaussian_blur(upsampled, kernel_size=[33, 33], sigma=[sigma, sigma])[:, 0]
+
+
+def use_reference(model_module) -> None:
+    """Swap patchcore's fast parts for the plain ones, in this process only."""
+    model_module.greedy_coreset = reference_greedy
+    model_module.NearestNeighbourIndex = ReferenceSearch
+    model_module.anomaly_maps = reference_maps
+
+
+def worker_fit(args: argparse.Namespace) -> dict:
+    """Fit once; report the phases, the peak memory and where the model was saved."""
+    started = time.perf_counter()
+    import torch
+
+    from patchcore import model as model_module
+    from patchcore.data import find_images
+
+    if args.reference:
+        use_reference(model_module)
+    weights = None
+    if args.random_weights:  # timing only: torchvision's architecture with seeded random weights
+        from patchcore.backbones import get_spec
+
+        torch.manual_seed(0)
+        weights = Path(args.scratch) / f"{args.backbone}-random.pth"
+        torch.save(get_spec(args.backbone).build().state_dict(), weights)
+    images = find_images(args.images)[: args.count] if args.count else find_images(args.images)
+    model = model_module.PatchCore(args.backbone, weights=weights, device=args.device, image_size=args.image_size, progress=False)
+    fit_started = time.perf_counter()
+    model.fit(images)
+    fit_seconds = time.perf_counter() - fit_started
+    if args.save:
+        model.save(args.save)
+    return {
+        "images": len(images),
+        "image_size": args.image_size,
+        "backbone": args.backbone,
+        "fit_seconds": fit_seconds,
+        "phases": model.fit_seconds_,
+        "process_seconds": time.perf_counter() - started,
+        "bank": list(model.memory_bank_.shape),
+        "peak_memory_gb": peak_memory_gb(),
+    }
+
+
+def peak_memory_gb() -> float:
+    """This process's peak resident memory (VmHWM). Unlike ru_maxrss, it starts afresh at exec,
+    so a child does not inherit the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20  # kB -> GB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def run_child(*arguments: str) -> dict:
+    """Run this script as a child worker and return its JSON."""
+    command = [sys.executable, __file__, *arguments]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"worker {' '.join(arguments)} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring
+
+
+def stage_split(model, paths: list[Path], search_kind: str, reference: bool) -> dict:
+    """Milliseconds per image in each scoring stage, measured stage by stage over ``paths``."""
+    import torch
+
+    from patchcore.data import read_image
+    from patchcore.maps import anomaly_maps
+    from patchcore.search import NearestNeighbourIndex, reweighted_image_scores
+
+    index = ReferenceSearch(model.memory_bank_) if reference else NearestNeighbourIndex(model.memory_bank_, search_kind)
+    make_maps = reference_maps if reference else anomaly_maps
+    clock = {"decode_and_resize": 0.0, "backbone": 0.0, "search_and_eq7": 0.0, "maps": 0.0}
+    with torch.inference_mode():
+        for start in range(0, len(paths), model.batch_size):
+            chunk = paths[start : start + model.batch_size]
+            t0 = time.perf_counter()
+            batch = torch.stack([model.geometry.image_to_tensor(read_image(p)) for p in chunk])
+            t1 = time.perf_counter()
+            features = model.patch_features_(batch)
+            t2 = time.perf_counter()
+            size, grid = features.shape[0], features.shape[1:3]
+            flat = features.reshape(size, -1, features.shape[-1])
+            distances, nearest = index.search(flat.reshape(-1, flat.shape[-1]), k=1)
+            patch = distances[:, 0].reshape(size, -1)
+            reweighted_image_scores(index, flat, patch, nearest[:, 0].reshape(size, -1), model.num_neighbors)
+            t3 = time.perf_counter()
+            make_maps(patch.reshape(size, *grid), model.geometry.input_size)
+            t4 = time.perf_counter()
+            for key, seconds in zip(clock, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                clock[key] += seconds
+    return {key: 1000 * seconds / len(paths) for key, seconds in clock.items()}
+
+
+def accuracy(model_file: Path, bottle: Path, index: str, reference: bool) -> dict:
+    """Image and pixel AUROC of one search path on the bottle test set (no pictures)."""
+    from patchcore import model as model_module
+    from patchcore.evaluate import evaluate
+
+    if reference:
+        use_reference(model_module)
+    model = model_module.PatchCore.load(model_file, index=index, progress=False)
+    with tempfile.TemporaryDirectory() as out:
+        metrics = evaluate(model, bottle, out, pictures=False, report=lambda message: None)
+    return {"image_auroc": metrics["image_auroc"], "pixel_auroc": metrics["pixel_auroc"], "pixel_aupro": metrics["pixel_aupro"]}
+
+
+def ivf_recall(model, paths: list[Path]) -> float:
+    """Share of test patches whose IVF nearest bank entry is the exact nearest one."""
+    import torch
+
+    from patchcore.data import read_image
+    from patchcore.search import NearestNeighbourIndex
+
+    exact, approximate = NearestNeighbourIndex(model.memory_bank_, "exact"), NearestNeighbourIndex(model.memory_bank_, "ivf")
+    batch = torch.stack([model.geometry.image_to_tensor(read_image(p)) for p in paths])
+    queries = torch.cat([model.patch_features_(chunk) for chunk in batch.split(8)]).reshape(-1, model.memory_bank_.shape[1])
+    exact_distances, exact_ids = exact.search(queries)
+    ivf_distances, ivf_ids = approximate.search(queries)
+    # Equal distance counts as found: duplicates in the bank are interchangeable.
+    found = (ivf_ids[:, 0] == exact_ids[:, 0]) | torch.isclose(ivf_distances[:, 0], exact_distances[:, 0], rtol=0, atol=1e-5)
+    return float(found.float().mean())
+
+
+def throughput(model_file: Path, paths: list[Path], index: str) -> float:
+    """Images per second of `patchcore predict` over ``paths``, pictures written, start-up included."""
+    with tempfile.TemporaryDirectory() as out:
+        listing = Path(out) / "inputs"
+        listing.mkdir()
+        for number, path in enumerate(paths):
+            (listing / f"{number:04d}_{path.name}").symlink_to(path.resolve())
+        command = [sys.executable, "-m", "patchcore.cli", "predict", str(model_file), str(listing), "--out", str(Path(out) / "predictions"), "--quiet", "--index", index]
+        started = time.perf_counter()
+        subprocess.run(command, check=True, capture_output=True)
+        return len(paths) / (time.perf_counter() - started)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scale
+
+
+def augmented_bottle(bottle_train: Path, count: int, folder: Path, size: int) -> Path:
+    """``count`` training images: bottle's 209, then their flips and rotations (8 per image), at ``size`` px."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    sources = sorted(bottle_train.glob("*.png"))
+    transforms = [None, Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.FLIP_TOP_BOTTOM, Image.Transpose.ROTATE_90,
+                  Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270, Image.Transpose.TRANSPOSE, Image.Transpose.TRANSVERSE]
+    for number in range(count):
+        target = folder / f"{number:04d}.png"
+        if target.exists():
+            continue
+        transform = transforms[number // len(sources)]
+        with Image.open(sources[number % len(sources)]) as image:
+            image = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+            (image if transform is None else image.transpose(transform)).save(target)
+    return folder
+
+
+def growth(points: list[dict], key: str) -> float:
+    """Exponent b of key ~ images^b between the smallest and largest run."""
+    import math
+
+    first, last = points[0], points[-1]
+    return math.log(last[key] / first[key]) / math.log(last["images"] / first["images"])
+
+
+def plot_scale(scale: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for backbone, points in scale.items():
+        images = [p["images"] for p in points]
+        time_axis.plot(images, [p["fit_seconds"] for p in points], "o-", label=backbone)
+        memory_axis.plot(images, [p["peak_memory_gb"] for p in points], "o-", label=backbone)
+    time_axis.set(xlabel="training images (256 px)", ylabel="fit wall time (s)", title="Fit time")
+    memory_axis.set(xlabel="training images (256 px)", ylabel="peak resident memory (GB)", title="Peak memory")
+    for axis in (time_axis, memory_axis):
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.suptitle("patchcore fit, 10% coreset, 2-core CPU")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    import torch
+
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}"
+
+
+def main_run(args: argparse.Namespace) -> dict:
+    bottle = args.data / "mvtec_ad" / "bottle"
+    global ANOMALIB
+    if args.anomalib:
+        print("anomalib 2.7: installing and running (about 35 minutes)", flush=True)
+        ANOMALIB = rerun_anomalib(args.data)
+    results: dict = {"machine": machine(), "device": args.device, "anomalib_2_7": ANOMALIB}
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        model_file = scratch / "bottle.safetensors"
+        common = ["--images", str(bottle / "train" / "good"), "--backbone", "mobilenet_v2", "--device", args.device, "--scratch", str(scratch)]
+        print("fit: patchcore", flush=True)
+        ours = run_child("--worker", *common, "--save", str(model_file))
+        print(f"  {ours['fit_seconds']:.1f} s, peak {ours['peak_memory_gb']:.2f} GB", flush=True)
+        print("fit: plain reference (full pass per pick)", flush=True)
+        reference = run_child("--worker", *common, "--reference", "--save", str(scratch / "reference.safetensors"))
+        print(f"  {reference['fit_seconds']:.1f} s, peak {reference['peak_memory_gb']:.2f} GB", flush=True)
+        print("fit: cookies (peak memory)", flush=True)
+        results["fit_cookies"] = run_child("--worker", "--images", str(args.data / "cookies" / "train" / "good"), "--backbone", "mobilenet_v2", "--device", args.device, "--scratch", str(scratch))
+        print(f"  {results['fit_cookies']['fit_seconds']:.1f} s, peak {results['fit_cookies']['peak_memory_gb']:.2f} GB", flush=True)
+        results["fit"] = {
+            "patchcore": ours,
+            "reference": reference,
+            "speedup_vs_reference": reference["fit_seconds"] / ours["fit_seconds"],
+            "coreset_speedup_vs_reference": reference["phases"]["coreset"] / ours["phases"]["coreset"],
+            "speedup_vs_anomalib": ANOMALIB["fit_seconds"] / ours["process_seconds"],
+        }
+
+        from patchcore import PatchCore
+        from patchcore.data import find_images, list_test_samples
+
+        test_paths = [s.path for s in list_test_samples(bottle)]
+        all_paths = test_paths + find_images(bottle / "train" / "good")
+        model = PatchCore.load(model_file, device=args.device, progress=False)
+        print("scoring: stage split", flush=True)
+        results["scoring_split_ms_per_image"] = {
+            "exact": stage_split(model, test_paths, "exact", reference=False),
+            "ivf": stage_split(model, test_paths, "ivf", reference=False),
+            "reference": stage_split(model, test_paths, "exact", reference=True),
+        }
+        print("scoring: accuracy and recall", flush=True)
+        results["accuracy"] = {
+            "exact": accuracy(model_file, bottle, "exact", reference=False),
+            "ivf": accuracy(model_file, bottle, "ivf", reference=False),
+            "reference": run_child("--worker-accuracy", str(scratch / "reference.safetensors"), str(bottle)),
+        }
+        results["ivf_recall"] = ivf_recall(model, test_paths)
+        print(f"scoring: throughput over {len(all_paths)} images with pictures", flush=True)
+        results["scoring_images_per_second"] = {index: throughput(model_file, all_paths, index) for index in ("exact", "ivf")}
+        results["scoring_speedup_vs_anomalib"] = {k: v / ANOMALIB["scoring_images_per_second"] for k, v in results["scoring_images_per_second"].items()}
+
+        previous = args.out / "speed.json"
+        if args.skip_scale and previous.is_file() and "scale" in json.loads(previous.read_text()):
+            # Keep the last scale curves rather than drop them; they say when they were made.
+            earlier = json.loads(previous.read_text())
+            results["scale"], results["scale_growth_exponents"] = earlier["scale"], earlier["scale_growth_exponents"]
+            results["scale_from_earlier_run"] = earlier.get("finished", "an earlier run")
+        if not args.skip_scale:
+            results["scale"] = {}
+            for backbone in ("mobilenet_v2", "wide_resnet50_2"):
+                points = []
+                for count in args.sizes:
+                    folder = augmented_bottle(bottle / "train" / "good", max(args.sizes), scratch / "augmented", 256)
+                    extra = ["--random-weights"] if backbone == "wide_resnet50_2" else []
+                    print(f"scale: {backbone}, {count} images", flush=True)
+                    point = run_child("--worker", "--images", str(folder), "--count", str(count), "--backbone", backbone, "--device", args.device, "--scratch", str(scratch), *extra)
+                    print(f"  {point['fit_seconds']:.1f} s, peak {point['peak_memory_gb']:.2f} GB", flush=True)
+                    points.append(point)
+                results["scale"][backbone] = points
+            results["scale_growth_exponents"] = {
+                backbone: {"fit_seconds": growth(points, "fit_seconds"), "peak_memory_gb": growth(points, "peak_memory_gb")}
+                for backbone, points in results["scale"].items()
+            }
+            plot_scale(results["scale"], args.out / "speed_scale.png")
+    results["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    return results
+
+
+def markdown(r: dict) -> str:
+    fit, split, acc = r["fit"], r["scoring_split_ms_per_image"], r["accuracy"]
+    lines = [
+        f"Machine: {r['machine']}. Command: `.venv/bin/python benchmarks/speed.py`.",
+        "",
+        "| bottle, MobileNetV2, 10% coreset | patchcore | plain reference | anomalib 2.7 |",
+        "|---|---|---|---|",
+        f"| fit, whole process (s) | {fit['patchcore']['process_seconds']:.1f} | {fit['reference']['process_seconds']:.1f} | {ANOMALIB['fit_seconds']:.0f} |",
+        f"| fit: features / coreset (s) | {fit['patchcore']['phases']['features']:.1f} / {fit['patchcore']['phases']['coreset']:.1f} | "
+        f"{fit['reference']['phases']['features']:.1f} / {fit['reference']['phases']['coreset']:.1f} | - |",
+        f"| fit peak memory (GB) | {fit['patchcore']['peak_memory_gb']:.2f} | {fit['reference']['peak_memory_gb']:.2f} | {ANOMALIB['peak_memory_gb']} |",
+        f"| image AUROC / pixel AUROC | {acc['exact']['image_auroc']:.3f} / {acc['exact']['pixel_auroc']:.3f} | "
+        f"{acc['reference']['image_auroc']:.3f} / {acc['reference']['pixel_auroc']:.3f} | {ANOMALIB['image_auroc']:.3f} / {ANOMALIB['pixel_auroc']:.3f} |",
+        "",
+        f"Fitting cookies (31 images, 576 x 768) peaks at {r['fit_cookies']['peak_memory_gb']:.2f} GB in {r['fit_cookies']['fit_seconds']:.1f} s.",
+        "",
+        f"Fit: {fit['speedup_vs_anomalib']:.0f}x faster than anomalib 2.7's fit ({r['anomalib_2_7']['source']}), {fit['speedup_vs_reference']:.1f}x faster "
+        f"than the plain reference in the same run (coreset alone {fit['coreset_speedup_vs_reference']:.1f}x).",
+        "",
+        "| scoring, ms per image | decode + resize | backbone | search + eq. 7 | maps |",
+        "|---|---|---|---|---|",
+    ]
+    for name, stages in split.items():
+        lines.append(f"| {name} | " + " | ".join(f"{stages[k]:.1f}" for k in ("decode_and_resize", "backbone", "search_and_eq7", "maps")) + " |")
+    ips = r["scoring_images_per_second"]
+    lines += [
+        "",
+        f"`patchcore predict` over 292 bottle images with pictures: {ips['exact']:.1f} images/s exact ({r['scoring_speedup_vs_anomalib']['exact']:.1f}x anomalib's "
+        f"{ANOMALIB['scoring_images_per_second']}), {ips['ivf']:.1f} images/s with `--index ivf` ({r['scoring_speedup_vs_anomalib']['ivf']:.1f}x).",
+        f"IVF recall of the exact nearest bank entry: {r['ivf_recall']:.4f}; image / pixel AUROC with IVF {acc['ivf']['image_auroc']:.3f} / {acc['ivf']['pixel_auroc']:.3f}.",
+    ]
+    if "scale" in r:
+        origin = f" (from {r['scale_from_earlier_run']})" if "scale_from_earlier_run" in r else ""
+        lines += ["", f"Scale{origin}:", "", "| backbone | training images | fit (s) | peak memory (GB) | bank |", "|---|---|---|---|---|"]
+        for backbone, points in r["scale"].items():
+            for p in points:
+                lines.append(f"| {backbone} | {p['images']} | {p['fit_seconds']:.1f} | {p['peak_memory_gb']:.2f} | {p['bank'][0]} x {p['bank'][1]} |")
+        for backbone, exponents in r["scale_growth_exponents"].items():
+            lines.append(f"\n{backbone}: fit time grows as images^{exponents['fit_seconds']:.2f}, peak memory as images^{exponents['peak_memory_gb']:.2f}.")
+    return "\n".join(lines) + "\n"
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--skip-scale", action="store_true")
+    parser.add_argument("--anomalib", action="store_true", help="install anomalib 2.7 in .venv-anomalib and rerun its PatchCore (about 35 min) instead of using its recorded figures")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[50, 100, 200, 400, 800])
+    parser.add_argument("--markdown-only", action="store_true", help="rewrite speed.md from speed.json")
+    # child-process modes
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-accuracy", nargs=2, metavar=("MODEL", "DATA"), help=argparse.SUPPRESS)
+    parser.add_argument("--images", help=argparse.SUPPRESS)
+    parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--backbone", default="mobilenet_v2", help=argparse.SUPPRESS)
+    parser.add_argument("--image-size", type=int, default=256, help=argparse.SUPPRESS)
+    parser.add_argument("--random-weights", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--reference", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--save", help=argparse.SUPPRESS)
+    parser.add_argument("--scratch", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    arguments = parse()
+    if arguments.worker:
+        print(json.dumps(worker_fit(arguments)))
+    elif arguments.worker_accuracy:
+        print(json.dumps(accuracy(Path(arguments.worker_accuracy[0]), Path(arguments.worker_accuracy[1]), "exact", reference=True)))
+    elif arguments.markdown_only:
+        summary = json.loads((arguments.out / "speed.json").read_text())
+        (arguments.out / "speed.md").write_text(markdown(summary))
+        print(markdown(summary))
+    else:
+        arguments.out.mkdir(parents=True, exist_ok=True)
+        summary = main_run(arguments)
+        (arguments.out / "speed.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (arguments.out / "speed.md").write_text(markdown(summary))
+        print(markdown(summary))
