@@ -15,18 +15,17 @@ import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import __version__
 from .backbones import build_feature_extractor, get_spec, load_pretrained_extractor
 from .calibrate import Calibration, calibrate
 from .coreset import greedy_coreset, random_projection
-from .data import IMAGENET_MEAN, IMAGENET_STD, Geometry, LoadedImage, load_batches
+from .data import Geometry, LoadedImage, load_batches
 from .features import PatchFeatures
 from .maps import anomaly_maps
 from .search import INDEX_KINDS, NearestNeighbourIndex, reweighted_image_scores
