@@ -74,9 +74,11 @@ def rerun_anomalib(data: Path) -> dict:
 
 def reference_greedy(points, count, seed=0, on_progress=None, initial_centres=None):
     """The plain loop: one full float32 distance pass over all points per pick (anomalib's way)."""
-    from patchcore.coreset import _greedy_plain
+    from patchcore.coreset import _greedy_plain, _nearest_initial_centres
 
-    return _greedy_plain(points.float(), count, seed, on_progress, initial_centres).cpu()
+    points = points.float()
+    start = None if initial_centres is None else _nearest_initial_centres(points, initial_centres.float())
+    return _greedy_plain(points, count, seed, on_progress, start).cpu()
 
 
 class ReferenceSearch:
@@ -95,15 +97,10 @@ class ReferenceSearch:
         return self.bank.shape[0]
 
     def search(self, queries, k=1):
-        torch = self._torch
-        k = min(k, len(self))
-        distances, indices = [], []
-        for chunk in queries.to(self.device, torch.float32).split(1024):
-            squared = chunk.square().sum(dim=1, keepdim=True) - 2 * chunk @ self.bank.T + self._norms[None]
-            values, found = torch.topk(squared, k, dim=1, largest=False)
-            distances.append(values.clamp(min=0).sqrt())
-            indices.append(found)
-        return torch.cat(distances), torch.cat(indices)
+        from patchcore.search import matmul_search
+
+        squared, indices = matmul_search(self.bank, self._norms, queries.to(self.device, self._torch.float32), min(k, len(self)), rows=1024)
+        return squared.clamp(min=0).sqrt(), indices
 
 
 def reference_maps(patch_scores, size, sigma=4.0):

@@ -61,13 +61,22 @@ def greedy_coreset(
     total = points.shape[0]
     if not 0 < count <= total:
         raise ValueError(f"coreset size must be between 1 and {total}, got {count}")
-    points = points.float()
+    points = points.float().contiguous()
     if initial_centres is not None:
-        initial_centres = initial_centres.float().to(points.device)
+        initial_centres = initial_centres.float().to(points.device).contiguous()
+    start = None if initial_centres is None else _nearest_initial_centres(points, initial_centres)
     if points.device.type == "cpu":
-        picks = _greedy_cpu(points.contiguous().numpy(), count, seed, on_progress, initial_centres)
-        return torch.from_numpy(picks)
-    return _greedy_plain(points, count, seed, on_progress, initial_centres).cpu()
+        initial = None if initial_centres is None else (initial_centres.numpy(), start[0].numpy(), start[1].numpy())
+        return torch.from_numpy(_greedy_cpu(points.numpy(), count, seed, on_progress, initial))
+    return _greedy_plain(points, count, seed, on_progress, start).cpu()
+
+
+def _nearest_initial_centres(points: torch.Tensor, centres: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each point's squared distance to its nearest initial centre, and which centre that is."""
+    from .search import NearestNeighbourIndex
+
+    distances, owners = NearestNeighbourIndex(centres).search(points, 1)
+    return distances[:, 0].square(), owners[:, 0]
 
 
 def _report(on_progress: Callable[[int], None] | None, count: int) -> Callable[[int], None]:
@@ -85,27 +94,22 @@ def _report(on_progress: Callable[[int], None] | None, count: int) -> Callable[[
     return tell
 
 
-def _greedy_cpu(points: np.ndarray, count: int, seed: int, on_progress, initial_centres: torch.Tensor | None) -> np.ndarray:
+def _greedy_cpu(points: np.ndarray, count: int, seed: int, on_progress, initial: tuple[np.ndarray, np.ndarray, np.ndarray] | None) -> np.ndarray:
+    """The pruned loop; ``initial`` is (initial centres, each point's squared distance to its
+    nearest one, which one that is)."""
     total = points.shape[0]
     tell = _report(on_progress, count)
     # Centre slots: the initial centres (if any) first, then the picks as they are made.
-    offset = 0 if initial_centres is None else initial_centres.shape[0]
+    offset = 0 if initial is None else len(initial[0])
     centres = np.empty((offset + count, points.shape[1]), dtype=np.float32)
-    nearest = np.full(total, np.inf, dtype=np.float32)  # squared distance to the nearest centre
-    owner = np.zeros(total, dtype=np.int64)  # which centre slot that is
-    if offset:
-        centres[:offset] = initial_centres.contiguous().numpy()
-        # Start from the exact nearest initial centre of every point (a faiss search).
-        import faiss
-
-        index = faiss.IndexFlatL2(points.shape[1])
-        index.add(centres[:offset])
-        squared, found = index.search(points, 1)
-        nearest[:] = np.maximum(squared[:, 0], 0)
-        owner[:] = found[:, 0]
-        first = int(np.argmax(nearest))
-    else:
+    if initial is None:
+        nearest = np.full(total, np.inf, dtype=np.float32)  # squared distance to the nearest centre
+        owner = np.zeros(total, dtype=np.int64)  # which centre slot that is
         first = int(torch.randint(total, (1,), generator=torch.Generator().manual_seed(seed)))
+    else:
+        centres[:offset] = initial[0]
+        nearest, owner = initial[1].astype(np.float32), initial[2].astype(np.int64)
+        first = int(np.argmax(nearest))
     picks = np.empty(count, dtype=np.int64)
     gaps = np.empty(offset + count, dtype=np.float32)  # squared distance of each centre to the new one
     chunk_best = np.empty((total + CHUNK - 1) // CHUNK, dtype=np.float32)
@@ -166,7 +170,7 @@ def _add_centre(points, centres, slot, nearest, owner, gaps, chunk_best, chunk_w
     return where
 
 
-def _greedy_plain(points: torch.Tensor, count: int, seed: int, on_progress, initial_centres: torch.Tensor | None) -> torch.Tensor:
+def _greedy_plain(points: torch.Tensor, count: int, seed: int, on_progress, start: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
     """One full distance pass per pick, all on the device (a GPU): |x - c|^2 = |x|^2 - 2 x.c + |c|^2."""
     tell = _report(on_progress, count)
     squared_norms = points.square().sum(dim=1)
@@ -174,9 +178,8 @@ def _greedy_plain(points: torch.Tensor, count: int, seed: int, on_progress, init
     def squared_distances_to(index: torch.Tensor | int) -> torch.Tensor:
         return torch.addmv(squared_norms, points, points[index], alpha=-2.0).add_(squared_norms[index])
 
-    if initial_centres is not None:
-        # Chunked, so that (N, M) distances never exist at once.
-        nearest = torch.cat([torch.cdist(chunk, initial_centres).min(dim=1).values.square() for chunk in points.split(8192)])
+    if start is not None:
+        nearest = start[0].clone()
         first: torch.Tensor | int = torch.argmax(nearest)
     else:
         first = int(torch.randint(points.shape[0], (1,), generator=torch.Generator().manual_seed(seed)))

@@ -37,38 +37,37 @@ def evaluate(
     calibration = model.calibration_
     rows, labels, scores, masks, maps, skipped = [], [], [], [], [], []
     started = time.perf_counter()
-    pictures_out = PictureWriter()
-    for sample, prediction in zip(samples, model.iter_predictions([s.path for s in samples], keep_images=pictures)):
-        try:
-            if prediction.error is not None:
-                raise BadInputError(prediction.error)
-            mask = read_mask(sample.mask_path, sample.path, prediction.image_size)
-        except BadInputError as error:
-            report(f"skipped {error}")
-            skipped.append(str(error))
-            continue
-        labels.append(sample.label)
-        scores.append(prediction.score)
-        masks.append(model.geometry.mask_to_input(mask))
-        maps.append(prediction.input_map)
-        picture = ""
-        if pictures:
-            relative = sample.path.relative_to(Path(data) / "test")
-            picture_path = out_dir / "images" / relative.parent / f"{relative.stem}.png"
-            pictures_out.submit(picture_path, partial(test_picture, prediction.image, prediction.map_at, mask, calibration, prediction.score, prediction.is_anomalous))
-            picture = str(picture_path.relative_to(out_dir))
-        rows.append(
-            {
-                "path": str(sample.path),
-                "defect_type": sample.defect_type,
-                "label": sample.label,
-                "score": f"{prediction.score:.6f}",
-                "normalized_score": f"{prediction.normalized_score:.6f}",
-                "predicted_label": int(prediction.is_anomalous),
-                "picture": picture,
-            }
-        )
-    pictures_out.close()
+    with PictureWriter() as pictures_out:  # closed (pictures all written) even on an error
+        for sample, prediction in zip(samples, model.iter_predictions([s.path for s in samples], keep_images=pictures)):
+            try:
+                if prediction.error is not None:
+                    raise BadInputError(prediction.error)
+                mask = read_mask(sample.mask_path, sample.path, prediction.image_size)
+            except BadInputError as error:
+                report(f"skipped {error}")
+                skipped.append(str(error))
+                continue
+            labels.append(sample.label)
+            scores.append(prediction.score)
+            masks.append(model.geometry.mask_to_input(mask))
+            maps.append(prediction.input_map)
+            picture = ""
+            if pictures:
+                relative = sample.path.relative_to(Path(data) / "test")
+                picture_path = out_dir / "images" / relative.parent / f"{relative.stem}.png"
+                pictures_out.submit(picture_path, partial(test_picture, prediction.image, prediction.map_at, mask, calibration, prediction.score, prediction.is_anomalous))
+                picture = str(picture_path.relative_to(out_dir))
+            rows.append(
+                {
+                    "path": str(sample.path),
+                    "defect_type": sample.defect_type,
+                    "label": sample.label,
+                    "score": f"{prediction.score:.6f}",
+                    "normalized_score": f"{prediction.normalized_score:.6f}",
+                    "predicted_label": int(prediction.is_anomalous),
+                    "picture": picture,
+                }
+            )
     elapsed = time.perf_counter() - started
     if not rows:
         raise BadInputError(f"'{data}': none of the {len(samples)} test images could be scored")

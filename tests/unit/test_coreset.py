@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from patchcore.coreset import _greedy_plain, greedy_coreset, random_projection
+from patchcore.coreset import _greedy_plain, _nearest_initial_centres, greedy_coreset, random_projection
 
 
 def brute_force_greedy(points: torch.Tensor, count: int, first: int | None, initial: torch.Tensor | None = None) -> list[int]:
@@ -91,7 +91,8 @@ def test_the_device_loop_picks_the_same_points(points):
     # The GPU path (one full pass per pick, no pruning) run here on the CPU tensor.
     assert _greedy_plain(points, 80, 4, None, None).tolist() == greedy_coreset(points, 80, seed=4).tolist()
     bank = points[:5] + 0.1
-    assert _greedy_plain(points, 30, 0, None, bank).tolist() == greedy_coreset(points, 30, initial_centres=bank).tolist()
+    start = _nearest_initial_centres(points, bank)
+    assert _greedy_plain(points, 30, 0, None, start).tolist() == greedy_coreset(points, 30, initial_centres=bank).tolist()
 
 
 def test_clustered_data_with_duplicates_matches_brute_force():
