@@ -96,19 +96,20 @@ class ReferenceSearch:
     def __len__(self):
         return self.bank.shape[0]
 
-    def search(self, queries, k=1):
+    def search(self, queries, k=1, exclude=None):
         from patchcore.search import matmul_search
 
-        squared, indices = matmul_search(self.bank, self._norms, queries.to(self.device, self._torch.float32), min(k, len(self)), rows=1024)
+        kept = len(self) - (0 if exclude is None else exclude[1] - exclude[0])
+        squared, indices = matmul_search(self.bank, self._norms, queries.to(self.device, self._torch.float32), min(k, kept), rows=1024, exclude=exclude)
         return squared.clamp(min=0).sqrt(), indices
 
 
-def reference_maps(patch_scores, size, sigma=4.0):
+def reference_maps(patch_scores, size_hw, sigma=4.0):
     """Upsample with F.interpolate, blur with torchvision's 2-D Gaussian (33 x 33 kernel)."""
     import torch.nn.functional as F
     from torchvision.transforms.v2.functional import gaussian_blur
 
-    upsampled = F.interpolate(patch_scores[:, None].float(), size=(size, size), mode="bilinear", align_corners=False)
+    upsampled = F.interpolate(patch_scores[:, None].float(), size=tuple(size_hw), mode="bilinear", align_corners=False)
     return gaussian_blur(upsampled, kernel_size=[33, 33], sigma=[sigma, sigma])[:, 0]
 
 
@@ -192,7 +193,7 @@ def stage_split(model, paths: list[Path], search_kind: str, reference: bool) -> 
         for start in range(0, len(paths), model.batch_size):
             chunk = paths[start : start + model.batch_size]
             t0 = time.perf_counter()
-            batch = torch.stack([model.geometry.image_to_tensor(read_image(p)) for p in chunk])
+            batch = torch.stack([model.layout_.image_to_tensor(read_image(p)) for p in chunk])
             t1 = time.perf_counter()
             features = model.patch_features_(batch)
             t2 = time.perf_counter()
@@ -202,7 +203,7 @@ def stage_split(model, paths: list[Path], search_kind: str, reference: bool) -> 
             patch = distances[:, 0].reshape(size, -1)
             reweighted_image_scores(index, flat, patch, nearest[:, 0].reshape(size, -1), model.num_neighbors)
             t3 = time.perf_counter()
-            make_maps(patch.reshape(size, *grid), model.geometry.input_size)
+            make_maps(patch.reshape(size, *grid), tuple(batch.shape[-2:]))
             t4 = time.perf_counter()
             for key, seconds in zip(clock, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
                 clock[key] += seconds
@@ -230,7 +231,7 @@ def ivf_recall(model, paths: list[Path]) -> float:
     from patchcore.search import NearestNeighbourIndex
 
     exact, approximate = NearestNeighbourIndex(model.memory_bank_, "exact"), NearestNeighbourIndex(model.memory_bank_, "ivf")
-    batch = torch.stack([model.geometry.image_to_tensor(read_image(p)) for p in paths])
+    batch = torch.stack([model.layout_.image_to_tensor(read_image(p)) for p in paths])
     queries = torch.cat([model.patch_features_(chunk) for chunk in batch.split(8)]).reshape(-1, model.memory_bank_.shape[1])
     exact_distances, exact_ids = exact.search(queries)
     ivf_distances, ivf_ids = approximate.search(queries)

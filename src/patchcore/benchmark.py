@@ -58,7 +58,8 @@ def run_benchmark(
                 fit_seconds = time.perf_counter() - started
                 model.save(run_dir / "model.safetensors")
                 metrics = evaluate(model, category, run_dir, pictures=pictures, report=report)
-                results[backbone][category.name] = {key: metrics[key] for key in (*TABLES, "pixel_aupro", "images_per_second")} | {"fit_seconds": fit_seconds}
+                kept = (*TABLES, "pixel_aupro", "good_flagged_rate", "defects_missed_rate", "images_per_second")
+                results[backbone][category.name] = {key: metrics[key] for key in kept} | {"fit_seconds": fit_seconds}
             except (WeightsError, BadInputError, ValueError) as error:
                 report(f"{backbone} / {category.name}: {error}")
                 results[backbone][category.name] = {"error": str(error)}

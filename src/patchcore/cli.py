@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 import time
@@ -12,6 +13,7 @@ from typing import Sequence
 
 from . import __version__
 from .backbones import BACKBONES, WeightsError
+from .calibrate import DEFAULT_FALSE_ALARM_RATE
 from .data import BadInputError, expand_paths, training_images
 from .storage import ModelFileError
 
@@ -22,12 +24,24 @@ def _add_fit_options(parser: argparse.ArgumentParser, single_backbone: bool = Tr
         group.add_argument("--backbone", default="wide_resnet50_2", choices=sorted(BACKBONES), help="pretrained CNN (default: %(default)s, as in the paper)")
         group.add_argument("--layers", nargs="+", metavar="LAYER", help="layers to tap (default: the backbone's two mid-level stages)")
         group.add_argument("--weights", metavar="FILE", help="the backbone's ImageNet weights file (default: torchvision's cache, then download)")
-    group.add_argument("--image-size", type=int, default=256, help="resize images to this square (default: %(default)s)")
-    group.add_argument("--center-crop", type=int, metavar="SIZE", help="then crop the center to this square (the paper: 256 then 224; default: off)")
+    group.add_argument(
+        "--input-mode", choices=["square", "aspect", "tile"], default="square",
+        help="square: resize to --image-size squared (default, as the seed); aspect: keep each image's shape at one scale for all; "
+        "tile: keep the shape, cut into overlapping tiles (native resolution unless --scale)",
+    )
+    group.add_argument("--image-size", type=int, default=256, help="square: the side; aspect: the median training image's shorter side after scaling (default: %(default)s)")
+    group.add_argument("--center-crop", type=int, metavar="SIZE", help="square mode: then crop the center to this square (the paper: 256 then 224; default: off)")
+    group.add_argument("--scale", type=float, help="aspect and tile modes: one resize factor for every image (aspect default: from --image-size; tile default: 1, native)")
+    group.add_argument("--tile-size", type=int, default=256, help="tile mode: tile side in pixels after scaling (default: %(default)s)")
+    group.add_argument("--tile-overlap", type=int, default=64, help="tile mode: least overlap of neighbouring tiles in pixels (default: %(default)s)")
     group.add_argument("--coreset-ratio", type=float, default=0.1, help="share of patches kept in the memory bank (default: %(default)s)")
     group.add_argument("--neighbors", type=int, default=9, help="bank neighbours in the image-score re-weighting, eq. 7 (default: %(default)s)")
-    group.add_argument("--seed", type=int, default=42, help="seed for the held-out split, projection and first coreset pick (default: %(default)s)")
-    group.add_argument("--calibration-fraction", type=float, default=0.1, help="share of good images held out to set the threshold (default: %(default)s, at least 2 images)")
+    group.add_argument("--seed", type=int, default=42, help="seed for the projection and the first coreset pick (default: %(default)s)")
+    _add_rate_option(group, f"expected share of good images flagged; the threshold is set from the training images scored leave-one-out (default: {DEFAULT_FALSE_ALARM_RATE})")
+
+
+def _add_rate_option(group: argparse._ArgumentGroup, text: str, default: float | None = DEFAULT_FALSE_ALARM_RATE) -> None:
+    group.add_argument("--false-alarm-rate", type=float, default=default, metavar="RATE", help=text)
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -58,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("data", help="category folder with test/ and ground_truth/")
     test.add_argument("--out", required=True, metavar="RESULTS", help="folder for metrics.json, scores.csv, images/")
     test.add_argument("--no-pictures", action="store_true", help="skip the per-image pictures")
+    _add_rate_option(test.add_argument_group("decision"), "cut at this false-alarm rate instead of the model's (from the good scores it stores)", None)
     _add_run_options(test)
 
     train = commands.add_parser("train", help="fit, then test, and print the metrics")
@@ -71,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("model", help="model file")
     predict.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
     predict.add_argument("--out", required=True, metavar="DIR", help="folder for predictions.jsonl and images/")
-    predict.add_argument("--threshold", type=float, help="raw-score threshold instead of the calibrated one")
+    decision = predict.add_argument_group("decision")
+    decision.add_argument("--threshold", type=float, help="raw-score threshold instead of the calibrated one")
+    _add_rate_option(decision, "cut at this false-alarm rate instead of the model's (from the good scores it stores)", None)
     predict.add_argument("--no-pictures", action="store_true", help="skip the heat-map pictures")
     _add_run_options(predict)
 
@@ -88,12 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _model_options(args: argparse.Namespace) -> dict:
     return {
+        "input_mode": args.input_mode,
         "image_size": args.image_size,
         "center_crop": args.center_crop,
+        "scale": args.scale,
+        "tile_size": args.tile_size,
+        "tile_overlap": args.tile_overlap,
         "coreset_ratio": args.coreset_ratio,
         "num_neighbors": args.neighbors,
         "seed": args.seed,
-        "calibration_fraction": args.calibration_fraction,
+        "false_alarm_rate": args.false_alarm_rate,
         "device": args.device,
         "batch_size": args.batch_size,
         "index": args.index or "exact",
@@ -116,9 +137,29 @@ def _fit(args: argparse.Namespace, out: Path):
     for message in model.skipped_:
         _log(f"skipped {message}")
     model.save(out)
+    report = write_calibration_report(model, out.with_suffix(".calibration.csv"))
     bank = model.memory_bank_.shape
-    _log(f"fitted {model.num_fit_images_} images ({model.calibration_.num_images} held out for the threshold) in {elapsed:.1f} s; memory bank {bank[0]} x {bank[1]}; wrote {out}")
+    _log(f"fitted {model.num_fit_images_} images in {elapsed:.1f} s; memory bank {bank[0]} x {bank[1]}; input {model.layout_.describe()}; wrote {out}")
+    _log_calibration(model.calibration_, report)
     return model, elapsed
+
+
+def write_calibration_report(model, path: Path) -> Path:
+    """The training images' leave-one-out scores, highest first: which good images look least typical."""
+    calibration = model.calibration_
+    rows = sorted(zip(model.calibration_sources_, calibration.good_scores, calibration.good_map_peaks), key=lambda row: -row[1])
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "score", "normalized_score", "map_peak", "flagged"])
+        for source, score, peak in rows:
+            writer.writerow([source, f"{score:.6f}", f"{float(calibration.normalize_scores(score)):.6f}", f"{peak:.6f}", int(score >= calibration.image_threshold)])
+    return path
+
+
+def _log_calibration(calibration, report: Path | None = None) -> None:
+    _log(calibration.describe() + (f"; each training image's score in {report}" if report else ""))
+    if calibration.warning:
+        _log(f"warning: {calibration.warning}")
 
 
 def _update(args: argparse.Namespace, out: Path) -> None:
@@ -138,13 +179,15 @@ def _update(args: argparse.Namespace, out: Path) -> None:
         f"added {len(images) - len(model.skipped_)} images in {time.perf_counter() - started:.1f} s; memory bank "
         f"{before} -> {model.memory_bank_.shape[0]} entries; {model.num_fit_images_} images in all; wrote {out}"
     )
+    _log_calibration(model.calibration_)
 
 
 def _test(model, args: argparse.Namespace, out: Path) -> dict:
-    from .evaluate import evaluate, metrics_table
+    from .evaluate import evaluate, explain_decision, metrics_table
 
     metrics = evaluate(model, args.data, out, pictures=not args.no_pictures, report=_log)
     print(metrics_table(metrics))
+    print("\n".join(explain_decision(metrics)))
     _log(f"scored {metrics['num_test_images']} images at {metrics['images_per_second']:.1f} images/s; wrote {out / 'metrics.json'}, {out / 'scores.csv'}")
     return metrics
 
@@ -157,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "fit":
         _fit(args, Path(args.out))
     elif args.command == "test":
-        model = PatchCore.load(args.model, device=args.device, batch_size=args.batch_size, index=args.index, progress=not args.quiet)
+        model = _load(args)
         _test(model, args, Path(args.out))
     elif args.command == "train":
         out = Path(args.out)
@@ -178,6 +221,20 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load(args: argparse.Namespace):
+    """The model of ``test`` and ``predict``, its cut moved to ``--false-alarm-rate`` when given."""
+    from .model import PatchCore
+
+    model = PatchCore.load(args.model, device=args.device, batch_size=args.batch_size, index=args.index, progress=not args.quiet)
+    if args.false_alarm_rate is not None:
+        try:
+            model.calibration_ = model.calibration_.at_rate(args.false_alarm_rate)
+        except ValueError as error:
+            raise BadInputError(f"'{args.model}': {error}") from None
+        _log_calibration(model.calibration_)
+    return model
+
+
 def _split_weights(item: str) -> tuple[str, str]:
     name, separator, file = item.partition("=")
     if not separator or name not in BACKBONES:
@@ -189,7 +246,7 @@ def _predict(args: argparse.Namespace) -> int:
     from .model import PatchCore
     from .render import PictureWriter, predict_picture
 
-    model = PatchCore.load(args.model, device=args.device, batch_size=args.batch_size, index=args.index, progress=not args.quiet)
+    model = _load(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     paths = expand_paths(args.paths)

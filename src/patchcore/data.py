@@ -1,4 +1,4 @@
-"""Finding images and masks, decoding them to RGB, and the resize/crop/normalise the backbone expects.
+"""Finding images and masks, decoding them to RGB, and loading batches for the backbone (``layout.py`` shapes them).
 
 Every failure names the file and the cause in one line (:class:`BadInputError`), so that a
 batch can report one bad image and carry on with the rest.
@@ -15,12 +15,13 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from .layout import InputLayout
+
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm"})
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+#: EXIF orientations that turn the picture by 90 degrees (width and height swap)
+_QUARTER_TURNS = frozenset({5, 6, 7, 8})
 
 # Decompression-bomb warnings become errors we report per file, not a process-wide crash.
 warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -140,6 +141,19 @@ def read_image(path: str | Path) -> np.ndarray:
     return array
 
 
+def image_size_hw(path: str | Path) -> tuple[int, int] | None:
+    """(H, W) of an image as :func:`read_image` will decode it, from its header alone; None if unreadable."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            # A PNG's EXIF may follow the pixels, and reading it would decode the whole file;
+            # other formats keep it in the header. (A size read wrong only costs a reallocation.)
+            turned = image.format != "PNG" and image.getexif().get(0x0112) in _QUARTER_TURNS
+    except Exception:  # reported when the image itself is read
+        return None
+    return (width, height) if turned else (height, width)
+
+
 def _to_rgb8(image: Image.Image) -> np.ndarray:
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         # 16-bit grayscale: scale the full range to 8 bits (PIL's convert("L") would clip at 255).
@@ -180,62 +194,6 @@ def read_mask(path: Path | None, image_path: Path, image_size_hw: tuple[int, int
 
 
 # ---------------------------------------------------------------------------------------------
-# Geometry: the backbone's view of an image and the way back
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """Resize to ``image_size`` squared, then optionally center-crop to ``crop_size`` squared.
-
-    The paper resizes to 256 and crops 224; anomalib resizes to 256 with no crop (our default).
-    """
-
-    image_size: int = 256
-    crop_size: int | None = None
-
-    @property
-    def input_size(self) -> int:
-        """Side of the square the backbone sees."""
-        return self.crop_size or self.image_size
-
-    def _crop_box(self) -> tuple[int, int]:
-        start = (self.image_size - self.input_size) // 2
-        return start, start + self.input_size
-
-    def image_to_tensor(self, rgb: np.ndarray) -> torch.Tensor:
-        """RGB ``uint8`` (H, W, 3) to a normalised float tensor (3, S, S)."""
-        resized = Image.fromarray(rgb).resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
-        tensor = torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1).float().div_(255.0)
-        tensor = self._crop(tensor)
-        mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-        return tensor.sub_(mean).div_(std)
-
-    def mask_to_input(self, mask: np.ndarray) -> np.ndarray:
-        """A full-resolution mask brought to the backbone's input grid (nearest neighbour)."""
-        resized = Image.fromarray(mask.astype(np.uint8) * 255).resize((self.image_size, self.image_size), Image.Resampling.NEAREST)
-        return self._crop(torch.from_numpy(np.asarray(resized) > 127)).numpy()
-
-    def map_to_image(self, input_map: torch.Tensor, image_size_hw: tuple[int, int]) -> torch.Tensor:
-        """An anomaly map on the input grid (S, S) brought back to the image's own (H, W).
-
-        Outside a center crop the model saw nothing; those pixels get the map's minimum.
-        """
-        full = input_map
-        if self.crop_size:
-            full = torch.full((self.image_size, self.image_size), float(input_map.min()), dtype=input_map.dtype)
-            start, stop = self._crop_box()
-            full[start:stop, start:stop] = input_map
-        return F.interpolate(full[None, None], size=image_size_hw, mode="bilinear", align_corners=False)[0, 0]
-
-    def _crop(self, tensor: torch.Tensor) -> torch.Tensor:
-        if not self.crop_size:
-            return tensor
-        start, stop = self._crop_box()
-        return tensor[..., start:stop, start:stop]
-
-
-# ---------------------------------------------------------------------------------------------
 # Batches with decoding overlapped
 
 
@@ -250,15 +208,17 @@ class LoadedImage:
     error: str | None = None
 
 
-def _load(path: Path, geometry: Geometry, keep_rgb: bool) -> LoadedImage:
+def _load(path: Path, layout: InputLayout, keep_rgb: bool) -> LoadedImage:
     try:
         rgb = read_image(path)
     except BadInputError as error:
         return LoadedImage(path, error=str(error))
-    return LoadedImage(path, geometry.image_to_tensor(rgb), rgb.shape[:2], rgb if keep_rgb else None)
+    if (problem := layout.check_size(rgb.shape[:2])) is not None:
+        return LoadedImage(path, error=f"'{path}': {problem}")
+    return LoadedImage(path, layout.image_to_tensor(rgb), rgb.shape[:2], rgb if keep_rgb else None)
 
 
-def load_batches(paths: Sequence[Path], geometry: Geometry, batch_size: int, keep_rgb: bool = False, workers: int = 2) -> Iterator[list[LoadedImage]]:
+def load_batches(paths: Sequence[Path], layout: InputLayout, batch_size: int, keep_rgb: bool = False, workers: int = 2) -> Iterator[list[LoadedImage]]:
     """Decode images on worker threads (PIL releases the GIL) while the caller computes on the last batch.
 
     Every path comes back exactly once, in order, with either a tensor or an error. At most two
@@ -273,7 +233,7 @@ def load_batches(paths: Sequence[Path], geometry: Geometry, batch_size: int, kee
         batch: list[LoadedImage] = []
         while True:
             while len(pending) < look_ahead and (path := next(remaining, None)) is not None:
-                pending.append(pool.submit(_load, path, geometry, keep_rgb))
+                pending.append(pool.submit(_load, path, layout, keep_rgb))
             if not pending:
                 break
             batch.append(pending.popleft().result())

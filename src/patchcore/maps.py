@@ -24,7 +24,7 @@ def gaussian_kernel(sigma: float) -> torch.Tensor:
     return kernel / kernel.sum()
 
 
-@lru_cache(maxsize=16)
+@lru_cache(maxsize=256)  # one per (grid, size) pair: few in the square mode, more when sizes vary
 def map_matrix(grid: int, size: int, sigma: float) -> torch.Tensor:
     """The (size, grid) matrix taking one axis of patch scores to one axis of the blurred map.
 
@@ -40,8 +40,8 @@ def map_matrix(grid: int, size: int, sigma: float) -> torch.Tensor:
     return columns[:, 0, :].T.float().contiguous()
 
 
-def anomaly_maps(patch_scores: torch.Tensor, size: int, sigma: float = BLUR_SIGMA) -> torch.Tensor:
-    """Patch scores (B, h, w) upsampled bilinearly to (B, size, size) and blurred with a Gaussian."""
-    rows = map_matrix(patch_scores.shape[1], size, sigma).to(patch_scores.device)
-    cols = map_matrix(patch_scores.shape[2], size, sigma).to(patch_scores.device)
+def anomaly_maps(patch_scores: torch.Tensor, size_hw: tuple[int, int], sigma: float = BLUR_SIGMA) -> torch.Tensor:
+    """Patch scores (B, h, w) upsampled bilinearly to (B, H, W) = ``size_hw`` and blurred with a Gaussian."""
+    rows = map_matrix(patch_scores.shape[1], size_hw[0], sigma).to(patch_scores.device)
+    cols = map_matrix(patch_scores.shape[2], size_hw[1], sigma).to(patch_scores.device)
     return rows @ patch_scores.float() @ cols.T

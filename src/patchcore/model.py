@@ -2,7 +2,7 @@
 Anomaly Detection", CVPR 2022).
 
     fit:      patch features of every good image -> memory bank -> greedy coreset -> index
-              + held-out good images -> thresholds (calibrate.py)
+              + every good image scored without its own bank entries -> thresholds (calibrate.py)
     predict:  patch features -> distance to the nearest bank entry per patch
               -> anomaly map (upsample, blur) and image score (eq. 7)
 """
@@ -23,16 +23,20 @@ from tqdm import tqdm
 
 from . import __version__
 from .backbones import build_feature_extractor, get_spec, load_pretrained_extractor
-from .calibrate import Calibration, calibrate
+from .calibrate import DEFAULT_FALSE_ALARM_RATE, Calibration, calibrate
 from .coreset import greedy_coreset, random_projection
-from .data import Geometry, LoadedImage, load_batches
+from .data import LoadedImage, image_size_hw, load_batches
 from .features import PatchFeatures
+from .layout import InputLayout
 from .maps import anomaly_maps
 from .search import INDEX_KINDS, NearestNeighbourIndex, reweighted_image_scores
 from .storage import read_model, write_model
 
 #: dimensions of the random projection the coreset is selected on (as the paper and its code use)
 PROJECTION_DIM = 128
+#: training images scored leave-one-out to set the thresholds; beyond this many, a seeded sample:
+#: 1,000 good scores already pin a 1% false-alarm rate, and each costs one search like a prediction
+CALIBRATION_IMAGES = 1000
 
 ImageInput = Sequence[str | Path] | torch.Tensor
 """Image paths, or a float tensor (N, 3, H, W) of RGB values in [0, 1]."""
@@ -46,11 +50,11 @@ class Prediction:
     score: float = math.nan
     normalized_score: float = math.nan  # 0 = a typical good image, 1 = the threshold
     is_anomalous: bool = False
-    input_map: np.ndarray | None = None  # (S, S) anomaly map on the model's input grid (for pixel metrics)
+    input_map: np.ndarray | None = None  # (h, w) anomaly map on the backbone's input grid
     image_size: tuple[int, int] | None = None  # (H, W) of the image
     image: np.ndarray | None = None  # RGB uint8, only when asked for (pictures)
     error: str | None = None
-    geometry: Geometry | None = field(default=None, repr=False, compare=False)
+    layout: InputLayout | None = field(default=None, repr=False, compare=False)
 
     @cached_property
     def anomaly_map(self) -> np.ndarray | None:
@@ -59,7 +63,22 @@ class Prediction:
 
     def map_at(self, size_hw: tuple[int, int]) -> np.ndarray:
         """The anomaly map brought to any (H, W) over the whole image, e.g. a picture's size."""
-        return self.geometry.map_to_image(torch.from_numpy(self.input_map), size_hw).numpy()
+        return self.layout.map_to_image(torch.from_numpy(self.input_map), size_hw).numpy()
+
+
+@dataclass
+class _TrainingPatches:
+    """Patch features of the readable training images, one block of rows per image."""
+
+    features: torch.Tensor  # (rows, D), float16 when wide
+    points: torch.Tensor  # (rows, 128) the coreset's projection (``features`` itself when narrow)
+    starts: np.ndarray  # (images + 1,) first row of each image, then the end
+    grids: list[tuple[int, int]]  # each image's feature grid (h, w)
+    input_sizes: list[tuple[int, int]]  # each image's input (H, W)
+    sources: list[str]  # each image's path
+
+    def rows(self, image: int) -> torch.Tensor:
+        return self.features[self.starts[image] : self.starts[image + 1]]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -90,12 +109,16 @@ class PatchCore:
         backbone: str = "wide_resnet50_2",
         *,
         layers: Sequence[str] | None = None,
+        input_mode: str = "square",
         image_size: int = 256,
         center_crop: int | None = None,
+        scale: float | None = None,
+        tile_size: int = 256,
+        tile_overlap: int = 64,
         coreset_ratio: float = 0.1,
         num_neighbors: int = 9,
         seed: int = 42,
-        calibration_fraction: float = 0.1,
+        false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
         device: str = "auto",
         batch_size: int = 8,
         weights: str | Path | None = None,
@@ -105,25 +128,21 @@ class PatchCore:
         spec = get_spec(backbone)  # fails early on an unknown name
         if not 0 < coreset_ratio <= 1:
             raise ValueError(f"coreset ratio must be in (0, 1], got {coreset_ratio}")
-        if not 0 < calibration_fraction < 1:
-            raise ValueError(f"calibration fraction must be in (0, 1), got {calibration_fraction}")
+        if not 0 < false_alarm_rate < 1:
+            raise ValueError(f"false-alarm rate must be between 0 and 1 (e.g. 0.05 for 5%), got {false_alarm_rate}")
         if num_neighbors < 1:
             raise ValueError(f"neighbors must be at least 1, got {num_neighbors}")
-        if center_crop is not None and not 32 <= center_crop <= image_size:
-            raise ValueError(f"center crop must be between 32 and the image size {image_size}, got {center_crop}")
         if index not in INDEX_KINDS:
             raise ValueError(f"unknown index {index!r}; choose one of: {', '.join(INDEX_KINDS)}")
         if batch_size < 1:
             raise ValueError(f"batch size must be at least 1, got {batch_size}")
-        if image_size < 32:
-            raise ValueError(f"image size must be at least 32, got {image_size}")
         self.backbone = backbone
         self.layers = tuple(layers) if layers else spec.default_layers
-        self.geometry = Geometry(image_size, center_crop)
+        self.layout = InputLayout(input_mode, image_size, center_crop, scale, tile_size, tile_overlap)
         self.coreset_ratio = coreset_ratio
         self.num_neighbors = num_neighbors
         self.seed = seed
-        self.calibration_fraction = calibration_fraction
+        self.false_alarm_rate = false_alarm_rate
         self.device = resolve_device(device)
         self.batch_size = batch_size
         self.weights = weights
@@ -134,41 +153,37 @@ class PatchCore:
     # Fitting
 
     def fit(self, images: ImageInput) -> "PatchCore":
-        """Learn the memory bank and the thresholds from good images.
+        """Learn the memory bank from every good image, and the thresholds from the same images.
 
-        A seeded share of the images (``calibration_fraction``, at least 2) is held out of the
-        bank and scored to set the thresholds. Unreadable images are reported and skipped.
+        Each training image is then scored against the bank with its own entries left out, so
+        that it is an image the bank has not seen; the thresholds are cut on those scores at
+        ``false_alarm_rate`` (calibrate.py). Unreadable images are reported and skipped.
         """
         clock = _PhaseClock()
         torch.manual_seed(self.seed)
         extractor, weights_sha = load_pretrained_extractor(self.backbone, self.layers, self.weights)
         self.patch_features_ = PatchFeatures(extractor, self.layers).to(self.device)
         self.weights_sha256_ = weights_sha
+        sizes = _image_sizes(images)
+        self.layout_ = self.layout.fitted(self.patch_features_.align, sizes)
         self.skipped_: list[str] = []
-
-        count = len(images)
-        held_out = max(2, round(self.calibration_fraction * count))
-        if count - held_out < 1:
-            raise ValueError(f"need at least 3 good images to fit (2 are held out to set the threshold), got {count}")
-        order = np.random.default_rng(self.seed).permutation(count)
-        calibration_ids, fit_ids = np.sort(order[:held_out]), np.sort(order[held_out:])
-
         clock.lap("load_backbone")
-        features, points = self._extract_patches(_subset(images, fit_ids), "features")
-        self.num_fit_images_ = len(features) // math.prod(self.feature_grid_)
+
+        patches = self._extract_patches(images, "features", sizes)
+        if len(patches.sources) < 2:
+            raise ValueError(f"need at least 2 readable good images to fit (each is scored against the others to set the threshold), got {len(patches.sources)}")
+        self.num_fit_images_ = len(patches.sources)
         clock.lap("features")
-        self.memory_bank_ = self._select_coreset(features, points)
-        del features, points
+        picks = self._select_coreset(patches.features, patches.points)
+        self.memory_bank_ = patches.features[picks.to(patches.features.device)].float().contiguous()
         clock.lap("coreset")
         self.index_ = NearestNeighbourIndex(self.memory_bank_, self.index)
 
-        held_out_predictions = list(self._predict_batches(_subset(images, calibration_ids), "calibration"))
-        self.skipped_ += [p.error for p in held_out_predictions if p.error]
-        good = [p for p in held_out_predictions if p.error is None]
-        if len(good) < 2:
-            raise ValueError("fewer than 2 readable held-out images: cannot set the threshold")
-        self.calibration_ = calibrate(np.array([p.score for p in good]), np.stack([p.input_map for p in good]))
-        clock.lap("index_and_calibration")
+        # Picks are in row order, so each image's bank entries are one run: find where each starts.
+        bank_starts = np.searchsorted(picks.numpy(), patches.starts)
+        scores, peaks, map_mean, self.calibration_sources_ = self._leave_one_out(patches, bank_starts)
+        self.calibration_ = calibrate(scores, peaks, map_mean, self.false_alarm_rate)
+        clock.lap("calibration")
         self.fit_seconds_ = clock.laps
         return self
 
@@ -177,61 +192,111 @@ class PatchCore:
 
         The greedy k-center selection carries on from the current memory bank: of the new
         images' patches, the ones the bank already covers are not added, and the bank grows by
-        ``coreset_ratio`` of the new patches, as if all images had been fitted together. The
-        thresholds are kept: new good images only lower the scores of good images.
+        ``coreset_ratio`` of the new patches. The new images are then scored leave-one-out
+        against the grown bank and the thresholds are cut again, at the model's false-alarm
+        rate, on their scores together with the stored scores of the earlier images (taken
+        against the smaller bank, so a little high: the cut errs towards fewer false alarms).
         """
         self._check_fitted()
         self.skipped_ = []
-        features, points = self._extract_patches(images, "features")
-        added = self._select_coreset(features, points, bank=self.memory_bank_)
+        patches = self._extract_patches(images, "features")
+        picks = self._select_coreset(patches.features, patches.points, bank=self.memory_bank_)
+        before = len(self.memory_bank_)
+        added = patches.features[picks.to(patches.features.device)].float()
         self.memory_bank_ = torch.cat([self.memory_bank_, added.to(self.memory_bank_.device)])
-        self.num_fit_images_ += len(features) // math.prod(self.feature_grid_)
+        self.num_fit_images_ += len(patches.sources)
         self.index_ = NearestNeighbourIndex(self.memory_bank_, self.index)
+        scores, peaks, map_mean, sources = self._leave_one_out(patches, before + np.searchsorted(picks.numpy(), patches.starts))
+        old = self.calibration_
+        if old.good_scores:  # a format-1 model stores none: its old images cannot take part
+            scores = np.concatenate([old.good_scores, scores])
+            peaks = np.concatenate([old.good_map_peaks, peaks])
+            map_mean = (old.pixel_good_mean * old.num_images + map_mean * len(sources)) / (old.num_images + len(sources))
+            sources = ["(fitted earlier)"] * old.num_images + sources
+        if len(scores) >= 2:
+            self.calibration_ = calibrate(scores, peaks, map_mean, old.false_alarm_rate or self.false_alarm_rate)
+            self.calibration_sources_ = sources
         return self
 
     def _select_coreset(self, features: torch.Tensor, points: torch.Tensor, bank: torch.Tensor | None = None) -> torch.Tensor:
-        """``coreset_ratio`` of the patches, by greedy k-center selection on their projection."""
+        """Rows to keep, in increasing order: ``coreset_ratio`` of the patches, by greedy k-center
+        selection on their projection (carried on from ``bank`` when given)."""
         size = max(1, round(self.coreset_ratio * len(features)))
         if size == len(features) and bank is None:
-            return features.float().contiguous()
+            return torch.arange(len(features))
         initial = None if bank is None else self._project(bank)
         with self._bar(size, "coreset") as bar:
             picks = greedy_coreset(points, size, seed=self.seed, on_progress=bar.update, initial_centres=initial)
-        return features[picks.to(features.device)].float().contiguous()
+        return torch.sort(picks.cpu()).values
 
     def _project(self, features: torch.Tensor) -> torch.Tensor:
         """The coreset's view of patch features: a seeded random projection to 128 dimensions."""
         return random_projection(features.float(), PROJECTION_DIM, self.seed)
 
-    def _extract_patches(self, images: ImageInput, label: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Patch features (N * h * w, D) of every readable image and their projection for the coreset.
+    def _extract_patches(self, images: ImageInput, label: str, sizes: list[tuple[int, int]] | None = None) -> _TrainingPatches:
+        """Patch features of every readable image, one block of rows per image, and their projection.
 
-        Memory is preallocated once and filled batch by batch. Wide features (more than the
-        projection's 128 dimensions, e.g. 1536 for Wide ResNet-50) are kept in float16 until the
-        coreset is chosen, halving the largest block of a fit; the chosen rows return to float32.
+        Memory is allocated once, sized from the images' headers, and filled batch by batch. Wide
+        features (more than the projection's 128 dimensions, e.g. 1536 for Wide ResNet-50) are
+        kept in float16 until the coreset is chosen, halving the largest block of a fit; the chosen
+        rows return to float32.
         """
+        sizes = _image_sizes(images) if sizes is None else sizes
+        capacity = sum(math.prod(self.patch_features_.grid_hw(self.layout_.input_hw(size))) for size in sizes)
         features = points = None
-        filled = 0
+        starts, grids, input_sizes, sources = [0], [], [], []
         with self._bar(len(images), label) as bar:
             for batch, loaded in self._input_batches(images):
                 bar.update(len(loaded))
                 self.skipped_ += [item.error for item in loaded if item.error]
                 if batch is None:
                     continue
-                output = self.patch_features_(batch.to(self.device))
-                self.feature_grid_ = tuple(output.shape[1:3])
+                output = self._features(batch)
                 flat = output.reshape(-1, output.shape[-1])
                 if features is None:
-                    rows, wide = len(images) * len(flat) // len(output), flat.shape[1] > PROJECTION_DIM
-                    features = torch.empty((rows, flat.shape[1]), dtype=torch.float16 if wide else torch.float32, device=self.device)
-                    points = torch.empty((rows, PROJECTION_DIM), device=self.device) if wide else features
+                    wide = flat.shape[1] > PROJECTION_DIM
+                    features = torch.empty((max(capacity, len(flat)), flat.shape[1]), dtype=torch.float16 if wide else torch.float32, device=self.device)
+                    points = torch.empty((len(features), PROJECTION_DIM), device=self.device) if wide else features
+                filled = starts[-1]
+                if filled + len(flat) > len(features):  # a header that under-stated its image: grow
+                    narrow = points is features
+                    features = _grow(features, filled + len(flat))
+                    points = features if narrow else _grow(points, filled + len(flat))
                 features[filled : filled + len(flat)] = flat
                 if points is not features:
                     points[filled : filled + len(flat)] = self._project(flat)
-                filled += len(flat)
-        if features is None or filled == 0:
+                per_image = math.prod(output.shape[1:3])
+                starts += [filled + per_image * (i + 1) for i in range(len(output))]
+                grids += [tuple(output.shape[1:3])] * len(output)
+                input_sizes += [tuple(batch.shape[-2:])] * len(output)
+                sources += [str(item.path) for item in loaded if item.error is None]
+        if features is None or starts[-1] == 0:
             raise ValueError("no readable training images")
-        return features[:filled], points[:filled]
+        end = starts[-1]
+        return _TrainingPatches(features[:end], points[:end], np.array(starts), grids, input_sizes, sources)
+
+    def _leave_one_out(self, patches: _TrainingPatches, bank_starts: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, list[str]]:
+        """Each image's score and highest map value against the bank without its own entries, the
+        mean map value over all, and the images' paths: what new good images would get, for
+        ``calibrate``. Beyond :data:`CALIBRATION_IMAGES` images, a seeded sample of them."""
+        count = len(patches.sources)
+        chosen = np.arange(count)
+        if count > CALIBRATION_IMAGES:
+            chosen = np.sort(np.random.default_rng(self.seed).choice(count, CALIBRATION_IMAGES, replace=False))
+        scores, peaks = [], []
+        map_sum, map_pixels = 0.0, 0
+        with self._bar(len(chosen), "calibration") as bar:
+            for image in chosen:
+                grid = patches.grids[image]
+                own = (int(bank_starts[image]), int(bank_starts[image + 1]))
+                features = patches.rows(image).float().reshape(1, *grid, -1)
+                score, anomaly_map = self._score_features(features, patches.input_sizes[image], exclude=own)
+                scores.append(float(score[0]))
+                peaks.append(float(anomaly_map.max()))
+                map_sum += float(anomaly_map.sum(dtype=torch.float64))
+                map_pixels += anomaly_map.numel()
+                bar.update(1)
+        return np.array(scores), np.array(peaks), map_sum / map_pixels, [patches.sources[i] for i in chosen]
 
     # -----------------------------------------------------------------------------------------
     # Scoring
@@ -249,14 +314,14 @@ class PatchCore:
         yield from self._predict_batches(images, "scoring", keep_images, threshold)
 
     def score(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Raw image scores (B,) and anomaly maps (B, S, S) on the input grid of a (B, 3, H, W) batch in [0, 1]."""
+        """Raw image scores (B,) and anomaly maps (B, h, w) on the input grid of a (B, 3, H, W) batch in [0, 1]."""
         self._check_fitted()
         scores, maps = self._score_prepared(self._prepare_tensor(batch))
         return scores.numpy(), maps.numpy()
 
     def _predict_batches(self, images: ImageInput, label: str, keep_images: bool = False, threshold: float | None = None) -> Iterator[Prediction]:
-        calibration: Calibration | None = getattr(self, "calibration_", None)
-        cut = threshold if threshold is not None else (calibration.image_threshold if calibration else math.inf)
+        calibration: Calibration = self.calibration_
+        cut = threshold if threshold is not None else calibration.image_threshold
         with self._bar(len(images), label) as bar:
             for batch, loaded in self._input_batches(images, keep_images):
                 scores, maps = self._score_prepared(batch) if batch is not None else (None, None)
@@ -271,30 +336,44 @@ class PatchCore:
                     yield Prediction(
                         source=str(item.path),
                         score=score,
-                        normalized_score=float(calibration.normalize_scores(score)) if calibration else math.nan,
+                        normalized_score=float(calibration.normalize_scores(score)),
                         is_anomalous=score >= cut,
                         input_map=input_map.numpy(),
                         image_size=item.original_hw,
                         image=item.rgb,
-                        geometry=self.geometry,
+                        layout=self.layout_,
                     )
 
-    @torch.inference_mode()
+    def _features(self, batch: torch.Tensor) -> torch.Tensor:
+        """Patch features (B, h, w, D) of a batch of same-size inputs, through tiles in the tile mode."""
+        tiles = self.layout_.tiles(tuple(batch.shape[-2:]), self.patch_features_.cell)
+        return self.patch_features_(batch.to(self.device), tiles, self.batch_size)
+
     def _score_prepared(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.patch_features_(batch.to(self.device))
+        return self._score_features(self._features(batch), tuple(batch.shape[-2:]))
+
+    @torch.inference_mode()
+    def _score_features(self, features: torch.Tensor, input_hw: tuple[int, int], exclude: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image scores (B,) and anomaly maps (B, H, W) from patch features (B, h, w, D) of inputs of ``input_hw``.
+
+        ``exclude`` leaves a run of bank entries out of every search (leave-one-image-out).
+        """
         size, grid = features.shape[0], features.shape[1:3]
         flat = features.reshape(size, -1, features.shape[-1])
-        distances, nearest = self.index_.search(flat.reshape(-1, flat.shape[-1]), k=1)
+        distances, nearest = self.index_.search(flat.reshape(-1, flat.shape[-1]), k=1, exclude=exclude)
         patch_scores = distances[:, 0].reshape(size, -1)
-        image_scores = reweighted_image_scores(self.index_, flat, patch_scores, nearest[:, 0].reshape(size, -1), self.num_neighbors)
-        maps = anomaly_maps(patch_scores.reshape(size, *grid), self.geometry.input_size)
+        image_scores = reweighted_image_scores(self.index_, flat, patch_scores, nearest[:, 0].reshape(size, -1), self.num_neighbors, exclude)
+        maps = anomaly_maps(patch_scores.reshape(size, *grid), input_hw)
         return image_scores.cpu().float(), maps.cpu()
 
     # -----------------------------------------------------------------------------------------
     # Inputs
 
     def _input_batches(self, images: ImageInput, keep_images: bool = False) -> Iterator[tuple[torch.Tensor | None, list[LoadedImage]]]:
-        """(batch of readable images or None, every image of the batch with its error if any)."""
+        """(batch of readable images of one input size or None, every image of the batch with its error if any).
+
+        Images of different input sizes (aspect and tile modes) go in separate batches, in order.
+        """
         if isinstance(images, torch.Tensor):
             for start in range(0, len(images), self.batch_size):
                 chunk = images[start : start + self.batch_size]
@@ -305,14 +384,21 @@ class PatchCore:
                 ]
                 yield self._prepare_tensor(chunk), loaded
             return
-        for loaded in load_batches([Path(p) for p in images], self.geometry, self.batch_size, keep_rgb=keep_images):
-            readable = [item.tensor for item in loaded if item.tensor is not None]
-            yield (torch.stack(readable) if readable else None), loaded
+        for loaded in load_batches([Path(p) for p in images], self.layout_, self.batch_size, keep_rgb=keep_images):
+            run: list[LoadedImage] = []
+            for item in loaded:
+                readable = [i.tensor for i in run if i.tensor is not None]
+                if item.tensor is not None and readable and item.tensor.shape != readable[0].shape:
+                    yield torch.stack(readable), run
+                    run = []
+                run.append(item)
+            readable = [i.tensor for i in run if i.tensor is not None]
+            yield (torch.stack(readable) if readable else None), run
 
     def _prepare_tensor(self, batch: torch.Tensor) -> torch.Tensor:
         if batch.ndim != 4 or batch.shape[1] != 3:
             raise ValueError(f"expected an image tensor of shape (N, 3, H, W), got {tuple(batch.shape)}")
-        return torch.stack([self.geometry.image_to_tensor(_to_rgb8(image)) for image in batch])
+        return torch.stack([self.layout_.image_to_tensor(_to_rgb8(image)) for image in batch])
 
     # -----------------------------------------------------------------------------------------
     # Saving and loading
@@ -330,14 +416,11 @@ class PatchCore:
             "package_version": __version__,
             "backbone": self.backbone,
             "layers": list(self.layers),
-            "image_size": self.geometry.image_size,
-            "center_crop": self.geometry.crop_size,
+            "input": self.layout_.to_dict(),
             "coreset_ratio": self.coreset_ratio,
             "num_neighbors": self.num_neighbors,
             "index": self.index,
             "seed": self.seed,
-            "calibration_fraction": self.calibration_fraction,
-            "feature_grid": list(self.feature_grid_),
             "num_fit_images": self.num_fit_images_,
             "memory_bank_shape": list(self.memory_bank_.shape),
             "backbone_weights_sha256": self.weights_sha256_,
@@ -348,30 +431,32 @@ class PatchCore:
     def load(cls, path: str | Path, device: str = "auto", batch_size: int = 8, index: str | None = None, progress: bool = True) -> "PatchCore":
         """Read a model written by :meth:`save`; damaged, foreign or newer files raise :class:`ModelFileError`.
 
-        ``index`` overrides the search the model was saved with (``exact`` or ``ivf``).
+        ``index`` overrides the search the model was saved with (``exact`` or ``ivf``). Files of
+        model format 1 (patchcore 0.1) load with their thresholds as they were set.
         """
         from .storage import ModelFileError
 
         tensors, settings = read_model(path)
         try:
+            # Format 1 had the square mode only, as two settings.
+            layout = InputLayout.from_dict(settings["input"]) if "input" in settings else InputLayout("square", settings["image_size"], settings["center_crop"])
+            calibration = Calibration.from_dict(settings["calibration"])
             model = cls(
                 settings["backbone"],
                 layers=settings["layers"],
-                image_size=settings["image_size"],
-                center_crop=settings["center_crop"],
                 coreset_ratio=settings["coreset_ratio"],
                 num_neighbors=settings["num_neighbors"],
                 seed=settings["seed"],
-                calibration_fraction=settings["calibration_fraction"],
+                false_alarm_rate=calibration.false_alarm_rate or DEFAULT_FALSE_ALARM_RATE,
                 device=device,
                 batch_size=batch_size,
                 index=index or settings.get("index", "exact"),
                 progress=progress,
             )
+            model.layout = model.layout_ = layout
             extractor = build_feature_extractor(get_spec(model.backbone), model.layers)
             extractor.load_state_dict({k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")})
-            model.calibration_ = Calibration(**settings["calibration"])
-            model.feature_grid_ = tuple(settings["feature_grid"])
+            model.calibration_ = calibration
             model.num_fit_images_ = settings["num_fit_images"]
             model.weights_sha256_ = settings["backbone_weights_sha256"]
             bank = tensors["memory_bank"]
@@ -381,6 +466,7 @@ class PatchCore:
         model.memory_bank_ = bank.to(model.device)
         model.index_ = NearestNeighbourIndex(model.memory_bank_, model.index)
         model.skipped_ = []
+        model.calibration_sources_ = []
         return model
 
     # -----------------------------------------------------------------------------------------
@@ -406,10 +492,17 @@ class _PhaseClock:
         self._last = now
 
 
-def _subset(images: ImageInput, ids: np.ndarray) -> ImageInput:
+def _image_sizes(images: ImageInput) -> list[tuple[int, int]]:
+    """(H, W) of every readable image, from headers only (unreadable files are reported later)."""
     if isinstance(images, torch.Tensor):
-        return images[torch.from_numpy(ids)]
-    return [images[i] for i in ids]
+        return [tuple(images.shape[-2:])] * len(images)
+    return [size for size in map(image_size_hw, images) if size is not None]
+
+
+def _grow(rows: torch.Tensor, needed: int) -> torch.Tensor:
+    grown = rows.new_empty((max(needed, 2 * len(rows)), *rows.shape[1:]))
+    grown[: len(rows)] = rows
+    return grown
 
 
 def _to_rgb8(image: torch.Tensor) -> np.ndarray:

@@ -51,11 +51,18 @@ class NearestNeighbourIndex:
     def __len__(self) -> int:
         return self.bank.shape[0]
 
-    def search(self, queries: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ``k`` nearest bank entries of each query: (distances, indices), both (Q, k), nearest first."""
-        k = min(k, len(self))
+    def search(self, queries: torch.Tensor, k: int = 1, exclude: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``k`` nearest bank entries of each query: (distances, indices), both (Q, k), nearest first.
+
+        ``exclude`` = (start, stop) leaves the bank entries start..stop-1 out, exactly: how a
+        training image is scored against the bank without its own entries (leave-one-image-out).
+        Indices still count in the whole bank.
+        """
         queries = queries.to(self.device, torch.float32).contiguous()
-        if hasattr(self, "_faiss"):
+        if exclude is not None:
+            squared, indices = self._search_excluding(queries, k, *exclude)
+        elif hasattr(self, "_faiss"):
+            k = min(k, len(self))
             squared, indices = self._faiss.search(queries.numpy(), k)
             squared, indices = torch.from_numpy(squared), torch.from_numpy(indices)
             if self.kind == "ivf" and bool((indices < 0).any()):
@@ -64,18 +71,45 @@ class NearestNeighbourIndex:
                 squared = torch.where(missing, squared[:, :1], squared)
                 indices = torch.where(missing, indices[:, :1], indices)
         else:
-            squared, indices = matmul_search(self.bank, self._squared_norms, queries, k, max(1, self.GPU_CHUNK_ELEMENTS // len(self)))
+            squared, indices = matmul_search(self.bank, self._squared_norms, queries, min(k, len(self)), self._chunk_rows())
         # The |q|^2 - 2 q.b + |b|^2 expansion can round slightly below zero.
         return squared.clamp_(min=0).sqrt_(), indices.long()
 
+    def _search_excluding(self, queries: torch.Tensor, k: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact search in the bank without entries start..stop-1 (squared distances)."""
+        kept = len(self) - (stop - start)
+        if kept < 1:
+            raise ValueError("leaving those entries out leaves an empty memory bank")
+        k = min(k, kept)
+        if self.device.type != "cpu":
+            return matmul_search(self.bank, self._squared_norms, queries, k, self._chunk_rows(), exclude=(start, stop))
+        # On the CPU: faiss's brute-force search (the same BLAS kernel as IndexFlatL2) on the two
+        # kept slices of the bank, which are views, then the k best of both.
+        parts = []
+        for first, last in ((0, start), (stop, len(self))):
+            if last > first:
+                squared, found = faiss.knn(queries.numpy(), self.bank[first:last].numpy(), min(k, last - first))
+                parts.append((torch.from_numpy(squared), torch.from_numpy(found) + first))
+        squared = torch.cat([p[0] for p in parts], dim=1)
+        indices = torch.cat([p[1] for p in parts], dim=1)
+        squared, order = torch.topk(squared, k, dim=1, largest=False)
+        return squared, torch.gather(indices, 1, order)
+
+    def _chunk_rows(self) -> int:
+        return max(1, self.GPU_CHUNK_ELEMENTS // len(self))
 
 
-def matmul_search(bank: torch.Tensor, squared_norms: torch.Tensor, queries: torch.Tensor, k: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact k nearest squared distances by |q|^2 - 2 q.b + |b|^2, ``rows`` queries at a time."""
+def matmul_search(
+    bank: torch.Tensor, squared_norms: torch.Tensor, queries: torch.Tensor, k: int, rows: int, exclude: tuple[int, int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact k nearest squared distances by |q|^2 - 2 q.b + |b|^2, ``rows`` queries at a time;
+    bank entries ``exclude`` = (start, stop) are left out."""
     distances, indices = [], []
     for chunk in queries.split(rows):
         squared = torch.addmm(squared_norms[None, :], chunk, bank.T, alpha=-2.0)
         squared += chunk.square().sum(dim=1, keepdim=True)
+        if exclude is not None:
+            squared[:, exclude[0] : exclude[1]] = float("inf")
         values, found = torch.topk(squared, k, dim=1, largest=False)
         distances.append(values)
         indices.append(found)
@@ -88,6 +122,7 @@ def reweighted_image_scores(
     patch_scores: torch.Tensor,
     nearest: torch.Tensor,
     num_neighbors: int,
+    exclude: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Image scores by eq. 7: the largest patch score, damped when its nearest bank entry is itself unusual.
 
@@ -98,7 +133,8 @@ def reweighted_image_scores(
 
     The weight is large when m_test* is far from all of m*'s neighbourhood (a real anomaly) and
     small when m* sits in a dense, well-covered region. ``features`` is (B, P, D),
-    ``patch_scores`` and ``nearest`` are (B, P).
+    ``patch_scores`` and ``nearest`` are (B, P). With ``exclude``, N_b(m*) is taken in the bank
+    without those entries (leave-one-image-out scoring).
     """
     batch = torch.arange(features.shape[0])
     worst = patch_scores.argmax(dim=1)
@@ -106,7 +142,7 @@ def reweighted_image_scores(
     if num_neighbors <= 1:  # N_b(m*) = {m*}: the weight is always 0, so eq. 7 is off
         return top_scores
     worst_features = features[batch, worst].to(index.device, torch.float32)
-    _, neighbourhoods = index.search(index.bank[nearest[batch, worst].to(index.device)], num_neighbors)
+    _, neighbourhoods = index.search(index.bank[nearest[batch, worst].to(index.device)], num_neighbors, exclude=exclude)
     distances = torch.linalg.vector_norm(index.bank[neighbourhoods] - worst_features[:, None, :], dim=2)
     # exp(s*) / sum exp(d) computed as exp(s* - logsumexp(d)) so that large distances don't overflow.
     weights = 1.0 - torch.exp(top_scores.to(distances) - torch.logsumexp(distances, dim=1))

@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: input modes, leave-one-out calibration with its good scores (1 still loads)
 METADATA_KEY = "patchcore"
 
 

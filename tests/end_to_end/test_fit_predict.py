@@ -37,16 +37,21 @@ def test_accuracy_on_battery_welds(model, welds):
     assert image_auroc(labels, np.array([p.score for p in predictions])) >= 0.95
     from patchcore.data import read_mask
 
-    masks = np.stack([model.geometry.mask_to_input(read_mask(s.mask_path, s.path, p.anomaly_map.shape)) for s, p in zip(samples, predictions)])
-    assert pixel_auroc(masks, np.stack([p.input_map for p in predictions])) >= 0.90
+    # On the grid the masks are on: each image's own size (400 x 89 .. 400 x 392 here).
+    masks = [read_mask(s.mask_path, s.path, p.anomaly_map.shape) for s, p in zip(samples, predictions)]
+    assert len({m.shape for m in masks}) > 10
+    assert pixel_auroc(masks, [p.anomaly_map for p in predictions]) >= 0.90
 
 
-def test_held_out_split_and_bank_size(model):
-    # 37 images: round(0.1 * 37) = 4 held out, 33 in the bank; 10% of 33 x 32 x 32 patches.
-    assert model.calibration_.num_images == 4
-    assert model.num_fit_images_ == 33
-    assert tuple(model.memory_bank_.shape) == (round(0.1 * 33 * 32 * 32), 128)
+def test_every_image_is_in_the_bank_and_scored_without_it(model):
+    # 37 images, all in the bank: 10% of 37 x 32 x 32 patches; all 37 set the threshold.
+    assert model.num_fit_images_ == 37 and model.calibration_.num_images == 37
+    assert tuple(model.memory_bank_.shape) == (round(0.1 * 37 * 32 * 32), 128)
     assert model.calibration_.image_threshold > model.calibration_.image_good_mean
+    # Left-out scores are those of unseen images: far above what an image gets against a bank
+    # holding its own patches.
+    seen = np.array([p.score for p in model.predict(model.calibration_sources_[:5])])
+    assert (np.array(model.calibration_.good_scores[:5]) > 1.5 * seen).all()
 
 
 def test_same_seed_same_model_and_scores(model, welds, tmp_path):
@@ -96,8 +101,8 @@ def test_fit_from_tensors(welds):
         [torch.from_numpy(np.array(Image.open(p).convert("RGB").resize((320, 240)))).permute(2, 0, 1).float() / 255 for p in training_images(welds)[:12]]
     )
     model = PatchCore("mobilenet_v2", progress=False, coreset_ratio=0.05).fit(images)
-    assert model.num_fit_images_ == 10 and model.calibration_.num_images == 2
-    assert model.memory_bank_.shape == (round(0.05 * 10 * 32 * 32), 128)
+    assert model.num_fit_images_ == 12 and model.calibration_.num_images == 12
+    assert model.memory_bank_.shape == (round(0.05 * 12 * 32 * 32), 128)
 
 
 def test_predict_command_reports_bad_files_and_scores_the_rest(model_file, welds, tmp_path, capsys):
@@ -147,10 +152,69 @@ def test_commands_give_one_line_errors(model_file, tmp_path, capsys):
 def test_center_crop_maps_back_to_the_whole_image(welds):
     model = PatchCore("mobilenet_v2", image_size=256, center_crop=224, coreset_ratio=0.02, progress=False)
     model.fit(training_images(welds)[:10])
-    assert model.feature_grid_ == (28, 28)
+    assert model.layout_.input_hw((256, 400)) == (224, 224) and model.patch_features_.grid_hw((224, 224)) == (28, 28)
     [prediction] = model.predict([pc_data.list_test_samples(welds)[-1].path])
     height, width = prediction.anomaly_map.shape
     assert prediction.input_map.shape == (224, 224)
     assert (height, width) == Image.open(pc_data.list_test_samples(welds)[-1].path).size[::-1]
     # The model never saw the border outside the crop: it holds the map's minimum there.
     assert float(prediction.anomaly_map[0, 0]) == pytest.approx(float(prediction.input_map.min()), abs=1e-4)
+
+
+def _as_format_1(model_file, target):
+    """The same model written as patchcore 0.1 wrote it: model format 1, square settings, and the
+    five numbers of the held-out calibration."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from patchcore.storage import tensors_sha256
+
+    with safe_open(str(model_file), framework="pt") as handle:
+        settings = json.loads(handle.metadata()["patchcore"])
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    calibration = settings["calibration"]
+    old = {key: settings[key] for key in ("package_version", "backbone", "layers", "coreset_ratio", "num_neighbors", "index", "seed", "num_fit_images", "memory_bank_shape", "backbone_weights_sha256")}
+    old |= {"image_size": 256, "center_crop": None, "calibration_fraction": 0.1, "feature_grid": [32, 32], "package_version": "0.1.0"}
+    old["calibration"] = {key: calibration[key] for key in ("image_threshold", "image_good_mean", "pixel_threshold", "pixel_good_mean")} | {"num_images": 4}
+    old |= {"format_version": 1, "tensors_sha256": tensors_sha256(tensors)}
+    save_file(tensors, str(target), metadata={"patchcore": json.dumps(old)})
+    return target
+
+
+def test_a_format_1_model_still_scores_and_says_how_to_choose_a_rate(model, model_file, welds, tmp_path, capsys):
+    old_file = _as_format_1(model_file, tmp_path / "old.safetensors")
+    old = PatchCore.load(old_file, progress=False)
+    assert old.calibration_.image_threshold == model.calibration_.image_threshold
+    assert old.calibration_.describe().endswith("the highest score of 4 held-out good images (model format 1)")
+    paths = [s.path for s in pc_data.list_test_samples(welds)[::20]]
+    assert [p.score for p in old.predict(paths)] == [p.score for p in model.predict(paths)]
+    assert main(["predict", str(old_file), str(paths[0]), "--out", str(tmp_path / "o"), "--quiet", "--no-pictures"]) == 0
+    assert main(["predict", str(old_file), str(paths[0]), "--out", str(tmp_path / "o"), "--quiet", "--false-alarm-rate", "0.1"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"patchcore: error: '{old_file}': this model stores no good-image scores (model format 1, thresholds from held-out images): "
+        "refit it with `patchcore fit` to choose a false-alarm rate"
+    )
+
+
+def test_predict_at_another_false_alarm_rate_moves_the_cut_without_refitting(model_file, welds, tmp_path, capsys):
+    paths = [str(s.path) for s in pc_data.list_test_samples(welds)]
+    out = {}
+    for rate in ("0.05", "0.3"):
+        assert main(["predict", str(model_file), *paths, "--out", str(tmp_path / rate), "--quiet", "--no-pictures", "--false-alarm-rate", rate]) == 0
+        out[rate] = [json.loads(line) for line in (tmp_path / rate / "predictions.jsonl").read_text().splitlines()]
+    assert [r["score"] for r in out["0.05"]] == [r["score"] for r in out["0.3"]]
+    flagged = {rate: sum(r["is_anomalous"] for r in records) for rate, records in out.items()}
+    assert flagged["0.3"] > flagged["0.05"] + 20  # a looser cut flags many more welds
+    err = capsys.readouterr().err
+    assert "for a 30.0% false-alarm rate, set on 37 good images scored leave-one-out" in err
+
+
+def test_beyond_the_calibration_cap_a_seeded_sample_sets_the_threshold(welds, monkeypatch):
+    monkeypatch.setattr("patchcore.model.CALIBRATION_IMAGES", 10)
+    images = training_images(welds)[:15]
+    model = PatchCore("mobilenet_v2", progress=False, coreset_ratio=0.05).fit(images)
+    assert model.num_fit_images_ == 15  # the bank still holds all 15
+    assert model.calibration_.num_images == 10 and len(model.calibration_sources_) == 10
+    assert set(model.calibration_sources_) < {str(p) for p in images}
+    again = PatchCore("mobilenet_v2", progress=False, coreset_ratio=0.05).fit(images)
+    assert again.calibration_sources_ == model.calibration_sources_  # the sample is seeded

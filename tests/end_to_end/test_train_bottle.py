@@ -18,16 +18,32 @@ def bottle_run(data_root, tmp_path_factory):
 
 def test_accuracy_floors(bottle_run):
     metrics = json.loads((bottle_run / "metrics.json").read_text())
-    # anomalib 2.7 with the same weights measured 1.000 / 0.981 on this machine.
+    # anomalib 2.7 with the same weights measured 1.000 / 0.981 on this machine (on its 256 px grid);
+    # ours are on the masks' own 900 x 900 grid.
     assert metrics["image_auroc"] >= 0.99
-    assert metrics["pixel_auroc"] >= 0.975
+    assert metrics["pixel_auroc"] >= 0.98
     assert metrics["pixel_aupro"] >= 0.85
     assert metrics["image_f1_max"] >= 0.98
-    assert metrics["image_f1"] >= 0.9  # calibrated on held-out good images only
-    assert metrics["num_test_images"] == 83 and metrics["num_defective"] == 63
+    assert metrics["image_f1"] >= 0.95  # at the threshold set on good training images only
+    assert metrics["num_test_images"] == 83 and metrics["num_defective"] == 63 and metrics["num_good"] == 20
     assert metrics["skipped"] == []
-    assert metrics["model"]["num_fit_images"] == 188  # 209 - 21 held out
-    assert metrics["model"]["memory_bank_shape"] == [19251, 128]  # 10% of 188 x 32 x 32 patches
+    assert metrics["model"]["num_fit_images"] == 209  # every training image is in the bank
+    assert metrics["model"]["memory_bank_shape"] == [21402, 128]  # 10% of 209 x 32 x 32 patches
+
+
+def test_the_decision_is_stated_and_its_errors_counted(bottle_run):
+    metrics = json.loads((bottle_run / "metrics.json").read_text())
+    calibration = metrics["model"]["calibration"]
+    assert calibration["num_images"] == 209 and len(calibration["good_scores"]) == 209
+    assert calibration["false_alarm_rate"] == metrics["false_alarm_rate"] == 0.05
+    # 209 scores: position 210 * 0.95 = 199.5, whose expected rate is 10.5 / 210 = 5% exactly.
+    assert metrics["expected_false_alarm_rate"] == pytest.approx(0.05)
+    assert metrics["good_flagged"] <= 3 and metrics["good_flagged_rate"] == metrics["good_flagged"] / 20
+    assert metrics["defects_missed_rate"] <= 0.05
+    assert metrics["decision_rule"].startswith(f"image threshold {metrics['image_threshold']:.4g} for a 5.0% false-alarm rate, set on 209 good images")
+    report = list(csv.DictReader(open(bottle_run / "model.calibration.csv")))
+    assert len(report) == 209 and float(report[0]["score"]) == pytest.approx(max(calibration["good_scores"]), abs=1e-6)
+    assert sum(int(row["flagged"]) for row in report) == sum(s >= metrics["image_threshold"] for s in calibration["good_scores"])
 
 
 def test_scores_and_pictures_written(bottle_run):

@@ -43,7 +43,13 @@ def test_update_adds_the_new_images_and_they_score_low(fitted, tmp_path):
     assert after.memory_bank_.shape[0] == before.memory_bank_.shape[0] + round(0.1 * 12 * 32 * 32)
     assert after.num_fit_images_ == before.num_fit_images_ + 12
     assert np.array_equal(after.memory_bank_[: before.memory_bank_.shape[0]].numpy(), before.memory_bank_.numpy())
-    assert after.calibration_ == before.calibration_
+    # The cut is set again on all 32 images: the first 20 keep their stored leave-one-out scores,
+    # the 12 new ones are scored against the grown bank without their own entries.
+    assert after.calibration_.num_images == 32
+    assert after.calibration_.good_scores[:20] == before.calibration_.good_scores
+    assert after.calibration_.false_alarm_rate == before.calibration_.false_alarm_rate == 0.05
+    new_loo = np.array(after.calibration_.good_scores[20:])
+    assert (new_loo > 0.5 * scores_before).all() and (new_loo < 2 * scores_before).all()  # unseen-like, not near zero
     scores_after = np.array([p.score for p in after.predict(new_images)])
     # Now in the bank's coverage: every new good image scores lower, and none is flagged.
     assert (scores_after < scores_before).all()

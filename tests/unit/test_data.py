@@ -1,5 +1,5 @@
 """Tests for patchcore.data: decoding every common image kind, finding files, the MVTec layout,
-the resize/crop/normalise geometry and the overlapped batch loader."""
+image sizes from headers and the overlapped batch loader."""
 
 from __future__ import annotations
 
@@ -13,10 +13,7 @@ from PIL import Image
 
 from patchcore.data import (
     IMAGE_SUFFIXES,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     BadInputError,
-    Geometry,
     find_images,
     load_batches,
     read_image,
@@ -24,7 +21,8 @@ from patchcore.data import (
     training_images,
 )
 from patchcore.data import LabelledSample as Sample
-from patchcore.data import list_test_samples
+from patchcore.data import image_size_hw, list_test_samples
+from patchcore.layout import IMAGENET_MEAN, IMAGENET_STD, InputLayout
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
@@ -418,121 +416,6 @@ def test_test_samples_empty_test_folder(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------
-# Geometry
-# ---------------------------------------------------------------------------
-
-
-def test_input_size_with_and_without_crop() -> None:
-    assert Geometry().input_size == 256
-    assert Geometry(256, 224).input_size == 224
-    assert Geometry(64, None).input_size == 64
-
-
-def test_image_to_tensor_shape_without_crop() -> None:
-    rgb = np.zeros((30, 50, 3), dtype=np.uint8)
-    tensor = Geometry(64).image_to_tensor(rgb)
-    assert tensor.shape == (3, 64, 64)
-    assert tensor.dtype == torch.float32
-
-
-def test_image_to_tensor_shape_with_crop() -> None:
-    rgb = np.zeros((30, 50, 3), dtype=np.uint8)
-    assert Geometry(256, 224).image_to_tensor(rgb).shape == (3, 224, 224)
-    assert Geometry(64, 48).image_to_tensor(rgb).shape == (3, 48, 48)
-
-
-def test_image_to_tensor_normalises_mid_gray() -> None:
-    rgb = np.full((40, 40, 3), 128, dtype=np.uint8)
-    tensor = Geometry(32).image_to_tensor(rgb)
-    expected = (0.5 - MEAN) / STD
-    assert torch.allclose(tensor, expected.expand(3, 32, 32), atol=1e-2)
-    exact_value = (128 / 255 - MEAN) / STD
-    assert torch.allclose(tensor, exact_value.expand(3, 32, 32), atol=1e-5)
-    # Channels differ (the means and stds do): a wrong broadcast would show.
-    assert tensor[0, 0, 0] != pytest.approx(float(tensor[2, 0, 0]), abs=1e-3)
-
-
-def test_image_to_tensor_channel_order_and_orientation() -> None:
-    rgb = np.zeros((32, 32, 3), dtype=np.uint8)
-    rgb[:, :16, 0] = 255  # left half red
-    rgb[:16, :, 2] = 255  # top half blue
-    tensor = Geometry(32).image_to_tensor(rgb)
-    red_hi = (1 - IMAGENET_MEAN[0]) / IMAGENET_STD[0]
-    red_lo = (0 - IMAGENET_MEAN[0]) / IMAGENET_STD[0]
-    blue_hi = (1 - IMAGENET_MEAN[2]) / IMAGENET_STD[2]
-    blue_lo = (0 - IMAGENET_MEAN[2]) / IMAGENET_STD[2]
-    assert float(tensor[0, 20, 2]) == pytest.approx(red_hi, abs=1e-5)
-    assert float(tensor[0, 20, 29]) == pytest.approx(red_lo, abs=1e-5)
-    assert float(tensor[2, 2, 20]) == pytest.approx(blue_hi, abs=1e-5)
-    assert float(tensor[2, 29, 20]) == pytest.approx(blue_lo, abs=1e-5)
-    assert float(tensor[1].max()) == pytest.approx(-IMAGENET_MEAN[1] / IMAGENET_STD[1], abs=1e-5)
-
-
-def test_image_to_tensor_crop_is_centered() -> None:
-    rgb = np.zeros((64, 64, 3), dtype=np.uint8)
-    rgb[8:56, 8:56] = 255  # white exactly where a 64 -> crop 48 keeps
-    tensor = Geometry(64, 48).image_to_tensor(rgb)
-    white = (1 - MEAN) / STD
-    assert torch.allclose(tensor, white.expand(3, 48, 48), atol=1e-5)
-
-
-def test_mask_to_input_no_crop_nearest() -> None:
-    mask = np.zeros((64, 64), dtype=bool)
-    mask[:32, :32] = True
-    out = Geometry(32).mask_to_input(mask)
-    assert out.dtype == bool
-    assert out.shape == (32, 32)
-    assert out.sum() == 16 * 16
-    assert out[:16, :16].all()
-
-
-def test_mask_to_input_with_crop() -> None:
-    mask = np.zeros((64, 64), dtype=bool)
-    mask[:32, :32] = True
-    out = Geometry(32, 16).mask_to_input(mask)  # resized mask's [8:24, 8:24]
-    assert out.shape == (16, 16)
-    assert out.sum() == 8 * 8
-    assert out[:8, :8].all()
-
-
-def test_mask_to_input_nearest_keeps_single_pixels_binary() -> None:
-    mask = np.zeros((10, 10), dtype=bool)
-    mask[3, 7] = True
-    out = Geometry(40).mask_to_input(mask)  # upsampling x4 by nearest: a 4x4 block
-    assert out.shape == (40, 40)
-    assert out.sum() == 16
-    assert out[12:16, 28:32].all()
-
-
-def test_map_to_image_returns_image_size() -> None:
-    input_map = torch.rand(32, 32)
-    out = Geometry(32).map_to_image(input_map, (50, 70))
-    assert out.shape == (50, 70)
-    assert float(out.min()) >= float(input_map.min()) - 1e-6
-    assert float(out.max()) <= float(input_map.max()) + 1e-6
-
-
-def test_map_to_image_same_size_is_identity() -> None:
-    input_map = torch.rand(32, 32, generator=torch.Generator().manual_seed(0))
-    out = Geometry(32).map_to_image(input_map, (32, 32))
-    assert torch.allclose(out, input_map, atol=1e-6)
-
-
-def test_map_to_image_crop_border_is_map_minimum() -> None:
-    input_map = 1.0 + torch.linspace(0, 1, 16 * 16).reshape(16, 16)  # min 1.0, max 2.0
-    out = Geometry(32, 16).map_to_image(input_map, (64, 64))
-    assert out.shape == (64, 64)
-    # The crop covers [8, 24) of the 32 grid, i.e. [16, 48) of the 64 output; away from its
-    # edge (bilinear blends one pixel in) the outside is exactly the minimum.
-    minimum = torch.full((14, 64), 1.0)
-    assert torch.allclose(out[:14], minimum, atol=1e-6)
-    assert torch.allclose(out[-14:], minimum, atol=1e-6)
-    assert torch.allclose(out[:, :14], minimum.T, atol=1e-6)
-    assert torch.allclose(out[:, -14:], minimum.T, atol=1e-6)
-    assert float(out[40, 40]) > 1.5  # the map's high corner lands inside the crop
-
-
-# ---------------------------------------------------------------------------
 # load_batches
 # ---------------------------------------------------------------------------
 
@@ -541,8 +424,7 @@ def test_load_batches_order_errors_and_sizes(tmp_path: Path) -> None:
     paths = [save_gray(tmp_path / f"{i}.png", 20 * i, (10 + i, 12)) for i in range(7)]
     bad = tmp_path / "3.png"
     bad.write_text("broken")  # the fourth file is not an image
-    geometry = Geometry(32)
-    batches = list(load_batches(paths, geometry, batch_size=3))
+    batches = list(load_batches(paths, InputLayout("square", 32), batch_size=3))
     assert [len(b) for b in batches] == [3, 3, 1]
     items = [item for batch in batches for item in batch]
     assert [item.path for item in items] == paths
@@ -564,7 +446,7 @@ def test_load_batches_many_paths_each_once(tmp_path: Path, workers: int) -> None
     base = [save_gray(tmp_path / f"{i:02d}.png", i, (8, 8)) for i in range(5)]
     missing = tmp_path / "missing.png"
     paths = [base[i % 5] for i in range(17)] + [missing]  # duplicates stay separate entries
-    batches = list(load_batches(paths, Geometry(32), batch_size=4, keep_rgb=True, workers=workers))
+    batches = list(load_batches(paths, InputLayout("square", 32), batch_size=4, keep_rgb=True, workers=workers))
     assert [len(b) for b in batches] == [4, 4, 4, 4, 2]
     items = [item for batch in batches for item in batch]
     assert [item.path for item in items] == paths
@@ -576,9 +458,9 @@ def test_load_batches_many_paths_each_once(tmp_path: Path, workers: int) -> None
 
 def test_load_batches_exact_multiple_and_empty(tmp_path: Path) -> None:
     paths = [save_gray(tmp_path / f"{i}.png", 1) for i in range(6)]
-    assert [len(b) for b in load_batches(paths, Geometry(32), batch_size=3)] == [3, 3]
-    assert [len(b) for b in load_batches(paths, Geometry(32), batch_size=10)] == [6]
-    assert list(load_batches([], Geometry(32), batch_size=3)) == []
+    assert [len(b) for b in load_batches(paths, InputLayout("square", 32), batch_size=3)] == [3, 3]
+    assert [len(b) for b in load_batches(paths, InputLayout("square", 32), batch_size=10)] == [6]
+    assert list(load_batches([], InputLayout("square", 32), batch_size=3)) == []
 
 
 def test_an_empty_defect_folder_is_skipped_not_fatal(tmp_path: Path) -> None:
@@ -596,4 +478,19 @@ def test_hidden_files_are_not_images(tmp_path: Path) -> None:
 
 def test_batch_size_below_one_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=exact("batch size must be at least 1, got 0")):
-        next(load_batches([save_gray(tmp_path / "a.png", 1)], Geometry(64), batch_size=0))
+        next(load_batches([save_gray(tmp_path / "a.png", 1)], InputLayout("square", 64), batch_size=0))
+
+
+def test_image_size_from_the_header_follows_exif_rotation(tmp_path: Path) -> None:
+    rgb = np.zeros((30, 50, 3), dtype=np.uint8)
+    plain, turned = tmp_path / "plain.jpg", tmp_path / "turned.jpg"
+    Image.fromarray(rgb).save(plain)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    Image.fromarray(rgb).save(turned, exif=exif)
+    assert image_size_hw(plain) == (30, 50)
+    assert image_size_hw(turned) == (50, 30) == read_image(turned).shape[:2]
+    Image.fromarray(rgb).save(tmp_path / "a.png")
+    assert image_size_hw(tmp_path / "a.png") == (30, 50)
+    (tmp_path / "bad.png").write_text("not an image")
+    assert image_size_hw(tmp_path / "bad.png") is None and image_size_hw(tmp_path / "missing.png") is None

@@ -6,20 +6,20 @@ from patchcore.maps import anomaly_maps
 
 
 def test_map_has_the_input_resolution():
-    maps = anomaly_maps(torch.rand(2, 32, 32), 256)
+    maps = anomaly_maps(torch.rand(2, 32, 32), (256, 256))
     assert maps.shape == (2, 256, 256)
 
 
 def test_constant_scores_stay_constant():
-    maps = anomaly_maps(torch.full((1, 28, 28), 3.5), 224)
+    maps = anomaly_maps(torch.full((1, 28, 28), 3.5), (224, 224))
     assert torch.allclose(maps, torch.full_like(maps, 3.5), atol=1e-5)
 
 
 def test_blur_spreads_a_single_hot_patch_like_a_gaussian_of_sigma_4():
     scores = torch.zeros(1, 32, 32)
     scores[0, 16, 16] = 1.0
-    blurred = anomaly_maps(scores, 256)[0]
-    sharp = anomaly_maps(scores, 256, sigma=0)[0]
+    blurred = anomaly_maps(scores, (256, 256))[0]
+    sharp = anomaly_maps(scores, (256, 256), sigma=0)[0]
     # Blurring keeps the total mass (away from borders) and lowers the peak.
     assert abs(float(blurred.sum() - sharp.sum())) < 1e-3 * float(sharp.sum())
     assert float(blurred.max()) < float(sharp.max())
@@ -42,4 +42,17 @@ def test_map_equals_interpolation_then_torchvisions_gaussian_blur():
     scores = torch.rand(3, 28, 32, generator=torch.Generator().manual_seed(0))
     upsampled = F.interpolate(scores[:, None], size=(224, 224), mode="bilinear", align_corners=False)
     expected = gaussian_blur(upsampled, kernel_size=[33, 33], sigma=[4.0, 4.0])[:, 0]
-    assert torch.allclose(anomaly_maps(scores, 224), expected, atol=1e-5)
+    assert torch.allclose(anomaly_maps(scores, (224, 224)), expected, atol=1e-5)
+
+
+def test_a_non_square_map_equals_interpolation_then_torchvisions_gaussian_blur():
+    # The aspect and tile modes: a 12 x 50 grid to a 96 x 400 input, each axis its own matrix.
+    import torch.nn.functional as F
+    from torchvision.transforms.v2.functional import gaussian_blur
+
+    scores = torch.rand(2, 12, 50, generator=torch.Generator().manual_seed(1))
+    upsampled = F.interpolate(scores[:, None], size=(96, 400), mode="bilinear", align_corners=False)
+    expected = gaussian_blur(upsampled, kernel_size=[33, 33], sigma=[4.0, 4.0])[:, 0]
+    maps = anomaly_maps(scores, (96, 400))
+    assert maps.shape == (2, 96, 400)
+    assert torch.allclose(maps, expected, atol=1e-5)

@@ -1,8 +1,14 @@
 """Tests for patchcore.metrics: hand-worked values, sklearn agreement and a
-brute-force cross-check of the exact AUPRO computation."""
+brute-force cross-check of the exact AUPRO computation.
+
+The pixel metrics are hand-written (one shared sort of uint64 keys); the
+cross-checks use many ties, negative scores, images of different sizes and
+tiny sweep chunks so that runs of ties straddle chunk ends."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from fractions import Fraction
 
 import numpy as np
@@ -10,6 +16,7 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
+from patchcore import metrics
 from patchcore.metrics import (
     aupro,
     best_f1,
@@ -43,6 +50,18 @@ def test_image_auroc_matches_sklearn() -> None:
     assert result == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
 
 
+@pytest.fixture(params=[None, 1, 7], ids=["chunk-default", "chunk-1", "chunk-7"])
+def sweep_chunk(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run with the default sweep chunk and with tiny ones (ties across chunk ends)."""
+    if request.param is not None:
+        monkeypatch.setattr(metrics, "_SWEEP_CHUNK", request.param)
+
+
+def _flat(images: Sequence[np.ndarray]) -> np.ndarray:
+    """All pixels of differently sized images, image after image."""
+    return np.concatenate([np.ravel(image) for image in images])
+
+
 def test_pixel_auroc_hand_case() -> None:
     masks = np.array([[[0, 1], [0, 1]]], dtype=bool)
     maps = np.array([[[0.1, 0.35], [0.4, 0.8]]])
@@ -65,6 +84,76 @@ def test_auroc_one_class_errors() -> None:
         image_auroc(np.array([1, 1]), np.array([0.1, 0.2]))
     with pytest.raises(ValueError, match="^AUROC needs both good and defective samples$"):
         pixel_auroc(np.zeros((2, 3, 3), dtype=bool), np.random.default_rng(2).random((2, 3, 3)))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pixel_auroc_matches_sklearn_with_ties_and_negatives(seed: int, sweep_chunk: None) -> None:
+    rng = np.random.default_rng(seed)
+    masks = rng.random((3, 17, 23)) < 0.25
+    # Two decimals over about [-1, 1.2]: ~200 levels for 1173 pixels, many
+    # shared by defect and good pixels, half of them negative.
+    maps = np.round(rng.normal(size=masks.shape) * 0.35 + 0.2 * masks, 2)
+    assert np.unique(maps).size < maps.size / 4 and (maps < 0).mean() > 0.3
+    expected = roc_auc_score(masks.ravel(), maps.ravel())
+    assert pixel_auroc(masks, maps) == pytest.approx(expected, abs=1e-12)
+    assert pixel_auroc(masks, maps.astype(np.float32)) == pytest.approx(expected, abs=1e-12)
+
+
+def test_pixel_auroc_list_of_sizes_matches_sklearn(sweep_chunk: None) -> None:
+    rng = np.random.default_rng(5)
+    shapes = [(12, 20), (5, 20), (9, 7), (1, 31)]
+    masks = [rng.random(shape) < 0.3 for shape in shapes]
+    maps = [np.round(rng.normal(size=m.shape) * 0.3 + 0.15 * m, 2) for m in masks]
+    expected = roc_auc_score(_flat(masks), _flat(maps))
+    assert pixel_auroc(masks, maps) == pytest.approx(expected, abs=1e-12)
+    # Tuples and 0/255 masks are accepted too.
+    masks_255 = tuple((m * 255).astype(np.uint8) for m in masks)
+    assert pixel_auroc(masks_255, tuple(maps)) == pytest.approx(expected, abs=1e-12)
+
+
+def test_pixel_auroc_over_the_whole_float32_range(sweep_chunk: None) -> None:
+    # Magnitudes from float32 subnormals to near its maximum, both signs, and
+    # both zeros: the uint32 order must be the float order everywhere.
+    rng = np.random.default_rng(11)
+    n = 2000
+    signs = rng.choice([-1.0, 1.0], size=n)
+    maps = (signs * 10.0 ** rng.uniform(-44, 38, size=n)).astype(np.float32)
+    maps[:60] = 0.0
+    maps[60:120] = -0.0
+    # Defect more likely the higher the score, so misordering moves the area.
+    rank = np.argsort(np.argsort(maps, kind="stable"), kind="stable")
+    masks = rng.random(n) < rank / n
+    images_masks = [masks[:1200].reshape(30, 40), masks[1200:].reshape(20, 40)]
+    images_maps = [maps[:1200].reshape(30, 40), maps[1200:].reshape(20, 40)]
+    expected = roc_auc_score(masks, maps.astype(np.float64))
+    assert pixel_auroc(images_masks, images_maps) == pytest.approx(expected, abs=1e-12)
+
+
+def test_pixel_auroc_extreme_values_hand_case() -> None:
+    # Defect: inf (beats both good), -3e38 (beats -inf, loses to 0) -> 3/4.
+    masks = np.array([[1, 0, 0, 1]], dtype=bool)
+    maps = np.array([[np.inf, -np.inf, 0.0, -3e38]], dtype=np.float32)
+    assert pixel_auroc(masks, maps) == 0.75
+
+
+def test_pixel_auroc_zeros_of_both_signs_tie() -> None:
+    # -0.0 == 0.0, so the pair is a tie (1/2), as in sklearn.
+    for scores in ([-0.0, 0.0], [0.0, -0.0]):
+        maps = np.array([scores], dtype=np.float32)
+        assert pixel_auroc(np.array([[True, False]]), maps) == 0.5
+
+
+def test_pixel_auroc_single_image_forms() -> None:
+    # One (H, W) image, as an array or as nested lists.
+    assert pixel_auroc(np.array([[0, 1], [0, 1]]), np.array([[0.1, 0.35], [0.4, 0.8]])) == 0.75
+    assert pixel_auroc([[0, 1], [0, 1]], [[0.1, 0.35], [0.4, 0.8]]) == 0.75
+
+
+def test_pixel_scores_are_compared_as_float32() -> None:
+    # Documented: float64 maps that differ only below float32 precision tie.
+    masks = np.array([[False, True]])
+    assert pixel_auroc(masks, np.array([[1.0, 1.0 + 1e-9]])) == 0.5
+    assert pixel_auroc(masks, np.array([[1.0, 1.0 + 1e-6]])) == 1.0
 
 
 # ---------------------------------------------------------------------------
@@ -225,19 +314,26 @@ def test_aupro_errors() -> None:
         aupro(masks, maps[:, :3])
 
 
-def _brute_force_aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float) -> float:
-    """Slow reference: evaluate PRO and FPR directly at every distinct score."""
+def _brute_force_aupro(
+    masks: np.ndarray | Sequence[np.ndarray],
+    maps: np.ndarray | Sequence[np.ndarray],
+    fpr_limit: float,
+) -> float:
+    """Slow reference: evaluate PRO and FPR directly at every distinct score.
+
+    ``masks``/``maps``: an (N, H, W) array or a list of 2-D arrays of any sizes;
+    regions are labelled image by image.
+    """
     regions = []  # (image index, bool mask of one connected component)
-    for i in range(masks.shape[0]):
-        labelled, count = ndimage.label(masks[i], structure=np.ones((3, 3)))
+    for i, mask in enumerate(masks):
+        labelled, count = ndimage.label(mask, structure=np.ones((3, 3)))
         regions += [(i, labelled == k) for k in range(1, count + 1)]
-    free = ~masks
 
     points = [(0.0, 0.0)]
-    for t in np.unique(maps)[::-1]:
-        above = maps >= t
+    for t in np.unique(_flat(maps))[::-1]:
+        above = [image >= t for image in maps]
         pro = np.mean([above[i][region].mean() for i, region in regions])
-        fpr = above[free].mean()
+        fpr = _flat([a[~np.asarray(m, dtype=bool)] for a, m in zip(above, masks)]).mean()
         points.append((fpr, pro))
 
     area = 0.0
@@ -277,6 +373,110 @@ def test_aupro_matches_brute_force(seed: int) -> None:
     assert aupro(masks, maps.astype(np.float32)) == pytest.approx(
         _brute_force_aupro(masks, maps.astype(np.float32), 0.3), abs=1e-9
     )
+
+
+def _random_images(
+    rng: np.random.Generator, shapes: Sequence[tuple[int, int]]
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Masks with rectangles and diagonal streaks; float32 maps with many ties and negatives."""
+    masks, maps = [], []
+    for h, w in shapes:
+        mask = np.zeros((h, w), dtype=bool)
+        for _ in range(rng.integers(1, 4)):
+            r, c = rng.integers(0, h - 2), rng.integers(0, w - 2)
+            mask[r : r + rng.integers(1, 6), c : c + rng.integers(1, 6)] = True
+        r, c = rng.integers(0, h - 4), rng.integers(0, w - 4)
+        for k in range(rng.integers(2, 5)):
+            mask[r + k, c + k] = True
+        masks.append(mask)
+        maps.append(np.round(rng.normal(size=(h, w)) * 0.3 + 0.3 * mask, 2).astype(np.float32))
+    return masks, maps
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_aupro_list_of_sizes_matches_brute_force(seed: int, sweep_chunk: None) -> None:
+    rng = np.random.default_rng(seed)
+    masks, maps = _random_images(rng, [(23, 17), (9, 30)])
+    assert np.unique(_flat(maps)).size < _flat(maps).size / 2 and (_flat(maps) < 0).any()
+    for limit in (0.05, 0.3, 0.77, 1.0):
+        expected = _brute_force_aupro(masks, maps, limit)
+        assert aupro(masks, maps, fpr_limit=limit) == pytest.approx(expected, abs=1e-9)
+
+
+def _edge_regions_case(transpose: bool) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Two images of one height, region A on image 0's right edge, B on image 1's left.
+
+    Image 0 (3x3): A = (0, 2), 1 px, score 0.9. Image 1 (3x5): B = column 0,
+    3 px, score 0.5. Placed side by side, A and B would touch and merge.
+    Free pixels (8 + 12 = 20): (2, 0) of image 0 and (2, 4) of image 1 at 0.7,
+    the rest at 0.1. Transposed, the images share a width and A (bottom row)
+    would merge with B (top row) if stacked vertically.
+
+    Two regions, curve (FPR, PRO): t=0.9 (0, 1/2); t=0.7 (1/10, 1/2);
+    t=0.5 (1/10, 1); t=0.1 (1, 1). Up to 0.3: 1/10 * 1/2 + 2/10 * 1 = 1/4,
+    normalised 5/6. Merged into one 4-px region, PRO at t=0.9 would be 1/4
+    and the result 3/4.
+    """
+    masks = [np.zeros((3, 3), dtype=bool), np.zeros((3, 5), dtype=bool)]
+    maps = [np.full((3, 3), 0.1), np.full((3, 5), 0.1)]
+    masks[0][0, 2] = True
+    maps[0][0, 2] = 0.9
+    masks[1][:, 0] = True
+    maps[1][:, 0] = 0.5
+    maps[0][2, 0] = 0.7
+    maps[1][2, 4] = 0.7
+    if transpose:
+        masks, maps = [m.T for m in masks], [a.T for a in maps]
+    return masks, maps
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_aupro_regions_never_span_images(transpose: bool) -> None:
+    masks, maps = _edge_regions_case(transpose)
+    assert aupro(masks, maps, fpr_limit=0.3) == pytest.approx(5 / 6, abs=1e-12)
+    assert _brute_force_aupro(masks, maps, 0.3) == pytest.approx(5 / 6, abs=1e-12)
+    # The merged layout really would differ: one region of 4 px gives 3/4.
+    stacked = np.concatenate if transpose else np.hstack
+    joined_masks, joined_maps = stacked(masks), stacked(maps)
+    assert aupro(joined_masks, joined_maps, fpr_limit=0.3) == pytest.approx(3 / 4, abs=1e-12)
+
+
+def test_pixel_shape_mismatch_errors() -> None:
+    labels, scores = np.array([0, 1, 0, 1]), np.array([0.1, 0.9, 0.2, 0.8])
+    masks = [np.zeros((256, 400), dtype=bool) for _ in range(4)]
+    for m in masks[1::2]:
+        m[10:20, 10:20] = True
+    maps = [np.zeros((256, 400), dtype=np.float32) for _ in range(3)]
+    maps.append(np.zeros((89, 400), dtype=np.float32))
+    expected = "masks and maps differ in shape at image 3: (256, 400) vs (89, 400)"
+    message = "^" + re.escape(expected) + "$"
+    with pytest.raises(ValueError, match=message):
+        pixel_auroc(masks, maps)
+    with pytest.raises(ValueError, match=message):
+        aupro(masks, maps)
+    with pytest.raises(ValueError, match=message):
+        compute_metrics(labels, scores, masks, maps, threshold=0.5)
+    # An (N, H, W) array against a list is compared image by image too.
+    with pytest.raises(ValueError, match=message):
+        aupro(np.stack(masks), maps)
+    with pytest.raises(ValueError, match="^masks and maps differ in number of images: 4 vs 3$"):
+        pixel_auroc(masks, maps[:3])
+    with pytest.raises(ValueError, match="2-D"):
+        pixel_auroc(masks, [np.zeros((2, 256, 400))] * 4)
+
+
+def test_pixel_nan_errors() -> None:
+    masks, maps = _random_images(np.random.default_rng(4), [(10, 12), (7, 9)])
+    maps[1] = maps[1].copy()
+    maps[1][3, 4] = np.nan
+    with pytest.raises(ValueError, match="^anomaly maps contain NaN$"):
+        pixel_auroc(masks, maps)
+    with pytest.raises(ValueError, match="^anomaly maps contain NaN$"):
+        aupro(masks, maps)
+    with pytest.raises(ValueError, match="^anomaly maps contain NaN$"):
+        compute_metrics(np.array([0, 1]), np.array([0.2, 0.7]), masks, maps, threshold=0.5)
+    with pytest.raises(ValueError, match="^anomaly maps contain NaN$"):
+        pixel_auroc(np.stack([masks[0]] * 2), np.stack([maps[0], np.full((10, 12), np.nan)]))
 
 
 # ---------------------------------------------------------------------------
@@ -319,3 +519,35 @@ def test_compute_metrics() -> None:
     assert result["pixel_aupro"] == pytest.approx(float(expected), abs=1e-9)
 
     assert compute_metrics(labels, scores, masks4, maps4, threshold=None)["image_f1"] is None
+
+
+def test_compute_metrics_list_of_sizes(sweep_chunk: None) -> None:
+    rng = np.random.default_rng(8)
+    masks, maps = _random_images(rng, [(14, 20), (6, 20), (11, 5)])
+    # A good image of yet another size.
+    masks.append(np.zeros((8, 8), dtype=bool))
+    maps.append(np.round(rng.normal(size=(8, 8)) * 0.3, 2).astype(np.float32))
+    labels = np.array([1, 1, 1, 0])
+    scores = np.array([0.9, 0.4, 0.7, 0.5])
+
+    result = compute_metrics(labels, scores, masks, maps, threshold=0.5)
+    assert all(type(v) is float for v in result.values())
+    expected_auroc = roc_auc_score(_flat(masks), _flat(maps))
+    assert result["pixel_auroc"] == pytest.approx(expected_auroc, abs=1e-12)
+    assert result["pixel_aupro"] == pytest.approx(_brute_force_aupro(masks, maps, 0.3), abs=1e-9)
+    assert result["pixel_auroc"] == pixel_auroc(masks, maps)
+    assert result["pixel_aupro"] == aupro(masks, maps)
+
+
+def test_compute_metrics_sorts_pixels_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real_sorted_keys = metrics._sorted_keys
+
+    def counting_sorted_keys(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return real_sorted_keys(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(metrics, "_sorted_keys", counting_sorted_keys)
+    masks, maps = _hand_case()
+    compute_metrics(np.array([1, 0]), np.array([0.9, 0.3]), masks, maps, threshold=None)
+    assert len(calls) == 1

@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from patchcore.search import NearestNeighbourIndex, reweighted_image_scores
@@ -32,16 +33,21 @@ def test_k_larger_than_bank_is_capped():
     assert distances.shape == (2, 3) and indices.shape == (2, 3)
 
 
-def brute_force_eq7(bank, features, b):
-    """Eq. 7 written out per image with plain loops."""
+def brute_force_eq7(bank, features, b, exclude=None):
+    """Eq. 7 written out per image with plain loops; ``exclude`` = (start, stop) bank rows left out."""
     scores = []
     for image in features:
         distances = torch.cdist(image.double(), bank.double())
+        if exclude is not None:
+            distances[:, exclude[0] : exclude[1]] = math.inf
         nearest_distance, nearest = distances.min(dim=1)
         worst = int(nearest_distance.argmax())
         s_star = float(nearest_distance[worst])
         m_star = int(nearest[worst])
-        neighbourhood = torch.cdist(bank[m_star][None].double(), bank.double())[0].topk(b, largest=False).indices
+        around = torch.cdist(bank[m_star][None].double(), bank.double())[0]
+        if exclude is not None:
+            around[exclude[0] : exclude[1]] = math.inf
+        neighbourhood = around.topk(b, largest=False).indices
         denominator = sum(math.exp(float(torch.dist(image[worst].double(), bank[m].double()))) for m in neighbourhood)
         scores.append((1 - math.exp(s_star) / denominator) * s_star)
     return torch.tensor(scores, dtype=torch.float64)
@@ -54,8 +60,10 @@ def test_image_scores_follow_eq7():
     distances, nearest = index.search(features.reshape(-1, 8), k=1)
     scores = reweighted_image_scores(index, features, distances[:, 0].reshape(3, 64), nearest[:, 0].reshape(3, 64), num_neighbors=9)
     assert torch.allclose(scores.double(), brute_force_eq7(bank, features, 9).double(), atol=1e-4)
-    # The weight lies in (0, 1 - 1/b]: the image score is below the largest patch score.
-    assert bool((scores < distances[:, 0].reshape(3, 64).max(dim=1).values).all())
+    # m* is the nearest bank entry, so every neighbour is at least s* away and the weight lies in
+    # [1 - 1/b, 1): the image score is below the largest patch score, and not far below.
+    top = distances[:, 0].reshape(3, 64).max(dim=1).values
+    assert bool((scores < top).all()) and bool((scores >= (1 - 1 / 9) * top - 1e-5).all())
 
 
 def test_one_neighbour_gives_the_plain_largest_patch_score():
@@ -91,7 +99,70 @@ def test_ivf_finds_the_exact_neighbour_on_clustered_data():
 
 
 def test_unknown_index_kind():
-    import pytest
-
     with pytest.raises(ValueError, match="unknown index 'hnsw'; choose one of: exact, ivf"):
         NearestNeighbourIndex(make_bank(), "hnsw")
+
+
+# ---------------------------------------------------------------------------------------------
+# Leave-one-image-out: the bank without one image's entries
+
+
+def brute_force_excluding(bank, queries, k, start, stop):
+    """k nearest in float64 over the bank rows outside [start, stop), indices in the whole bank."""
+    distances = torch.cdist(queries.double(), bank.double())
+    distances[:, start:stop] = math.inf
+    return distances.topk(k, dim=1, largest=False)
+
+
+@pytest.mark.parametrize("start, stop", [(0, 120), (200, 260), (380, 500), (250, 251)])
+def test_search_excluding_a_run_matches_brute_force(start, stop):
+    bank, queries = make_bank(), make_bank(300, seed=7)
+    index = NearestNeighbourIndex(bank)
+    distances, indices = index.search(queries, k=9, exclude=(start, stop))
+    expected = brute_force_excluding(bank, queries, 9, start, stop)
+    assert torch.equal(indices, expected.indices)
+    assert torch.allclose(distances.double(), expected.values, atol=1e-4)
+    assert not bool(((indices >= start) & (indices < stop)).any())
+
+
+def test_search_excluding_finds_what_the_left_out_entries_hid():
+    # Queries that are bank entries: without exclusion each finds itself at distance 0; with its
+    # own run left out it must find the nearest other entry, as brute force does.
+    bank = make_bank(400, 16, seed=8)
+    index = NearestNeighbourIndex(bank)
+    own = bank[100:150]
+    distances, indices = index.search(own, k=1, exclude=(100, 150))
+    expected = brute_force_excluding(bank, own, 1, 100, 150)
+    assert torch.equal(indices, expected.indices)
+    assert float(distances.min()) > 1.0  # nothing found at distance 0: the entries themselves are out
+    plain = index.search(own, k=1)
+    assert torch.equal(plain[1][:, 0], torch.arange(100, 150))
+
+
+def test_search_excluding_on_the_gpu_path_matches_brute_force():
+    # The matrix-product path (used on GPUs) with the excluded columns set to infinity.
+    from patchcore.search import matmul_search
+
+    bank, queries = make_bank(), make_bank(90, seed=10)
+    squared, indices = matmul_search(bank, bank.square().sum(dim=1), queries, 5, rows=32, exclude=(40, 300))
+    expected = brute_force_excluding(bank, queries, 5, 40, 300)
+    assert torch.equal(indices, expected.indices)
+    assert torch.allclose(squared.clamp(min=0).sqrt().double(), expected.values, atol=1e-4)
+
+
+def test_leaving_everything_out_is_refused():
+    with pytest.raises(ValueError, match="leaving those entries out leaves an empty memory bank"):
+        NearestNeighbourIndex(make_bank(10)).search(make_bank(2, seed=1), k=1, exclude=(0, 10))
+
+
+def test_image_scores_follow_eq7_without_the_images_own_entries():
+    bank = make_bank(400, 8, seed=11)
+    features = bank[150:214].reshape(1, 64, 8) + 0.01 * make_bank(64, 8, seed=12).reshape(1, 64, 8)
+    index = NearestNeighbourIndex(bank)
+    own = (150, 214)
+    distances, nearest = index.search(features.reshape(-1, 8), k=1, exclude=own)
+    patch = distances[:, 0].reshape(1, 64)
+    scores = reweighted_image_scores(index, features, patch, nearest[:, 0].reshape(1, 64), num_neighbors=9, exclude=own)
+    assert torch.allclose(scores.double(), brute_force_eq7(bank, features, 9, exclude=own), atol=1e-4)
+    # With the entries the image came from in the bank, it would score near zero.
+    assert float(scores[0]) > 20 * float(index.search(features.reshape(-1, 8), k=1)[0].max())

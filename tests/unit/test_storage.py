@@ -60,7 +60,7 @@ def test_round_trip(tmp_path: Path) -> None:
     assert written == tmp_path / "model.safetensors"
     got_tensors, got_settings = read_model(written)
     assert_same_tensors(got_tensors, tensors)
-    assert got_settings["format_version"] == FORMAT_VERSION == 1
+    assert got_settings["format_version"] == FORMAT_VERSION == 2
     assert got_settings["tensors_sha256"] == tensors_sha256(tensors)
     assert {k: v for k, v in got_settings.items() if k not in ("format_version", "tensors_sha256")} == SETTINGS
 
@@ -98,7 +98,7 @@ def test_metadata_layout(tmp_path: Path) -> None:
         metadata = handle.metadata()
     assert list(metadata) == ["patchcore"]
     header = json.loads(metadata["patchcore"])
-    assert header == {"format_version": 1, "seed": 42, "tensors_sha256": tensors_sha256(sample_tensors())}
+    assert header == {"format_version": 2, "seed": 42, "tensors_sha256": tensors_sha256(sample_tensors())}
 
 
 def test_atomic_write_overwrites_and_leaves_no_partial_files(tmp_path: Path) -> None:

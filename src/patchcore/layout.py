@@ -1,0 +1,206 @@
+"""How an image becomes the backbone's input, and how anomaly maps come back to the image.
+
+Three input modes:
+
+- ``square`` (the default, as the seed and anomalib): every image is resized to
+  ``image_size`` x ``image_size``, then optionally center-cropped. Long parts are squashed.
+- ``aspect``: every image is scaled by one factor and keeps its shape; sides are rounded to a
+  multiple of the backbone's coarsest stride so that every patch lines up with the grid. One
+  factor for all images keeps a defect the same size in pixels whatever the image's size, which
+  matters when tiles of many sizes are fitted and scored together. Unless given (``scale``), the
+  factor is set at fit so that the training images' median shorter side becomes ``image_size``:
+  no axis loses detail against the square mode for a typical image.
+- ``tile``: the same scaling (native resolution by default: ``scale`` 1), then the image is cut
+  into overlapping ``tile_size`` tiles that go through the backbone in batches, and their patch
+  features are stitched into one grid for the whole image. Each grid cell comes from the tile
+  whose centre is nearest, so it is at least half the overlap away from any tile's inner border,
+  where the network's zero padding would change it. The map, the image score and the pictures
+  are then made for the whole image at once, as in the other modes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+INPUT_MODES = ("square", "aspect", "tile")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: the largest input the aspect mode sends through the backbone in one piece (pixels); larger
+#: images are refused with advice to tile, before they can exhaust memory
+MAX_WHOLE_INPUT_PIXELS = 4096 * 4096
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One tile of an input: its pixels, and the cells of the whole image's feature grid it supplies."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+    own_rows: tuple[int, int]  # [start, stop) in the whole image's feature grid
+    own_cols: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class InputLayout:
+    """The input mode and its sizes. ``stride`` (the backbone's coarsest tapped stride) and, in
+    the aspect mode, ``scale`` are set at fit by :meth:`fitted`."""
+
+    mode: str = "square"
+    image_size: int = 256
+    center_crop: int | None = None
+    scale: float | None = None
+    tile_size: int = 256
+    tile_overlap: int = 64
+    stride: int = 16
+
+    def __post_init__(self) -> None:
+        if self.mode not in INPUT_MODES:
+            raise ValueError(f"unknown input mode {self.mode!r}; choose one of: {', '.join(INPUT_MODES)}")
+        if self.image_size < 32:
+            raise ValueError(f"image size must be at least 32, got {self.image_size}")
+        if self.center_crop is not None:
+            if self.mode != "square":
+                raise ValueError("center crop applies to the square input mode only")
+            if not 32 <= self.center_crop <= self.image_size:
+                raise ValueError(f"center crop must be between 32 and the image size {self.image_size}, got {self.center_crop}")
+        if self.scale is not None and not 0 < self.scale <= 16:
+            raise ValueError(f"scale must be in (0, 16], got {self.scale}")
+        if self.scale is not None and self.mode == "square":
+            raise ValueError("scale applies to the aspect and tile input modes only")
+        if self.mode == "tile":
+            if self.tile_size < 32 or self.tile_size % self.stride:
+                raise ValueError(f"tile size must be a multiple of {self.stride} px and at least 32, got {self.tile_size}")
+            if not 0 <= self.tile_overlap < self.tile_size or self.tile_overlap % self.stride:
+                raise ValueError(f"tile overlap must be a multiple of {self.stride} px and less than the tile size {self.tile_size}, got {self.tile_overlap}")
+
+    # -----------------------------------------------------------------------------------------
+    # Fitting
+
+    def fitted(self, stride: int, image_sizes: Sequence[tuple[int, int]]) -> "InputLayout":
+        """This layout with the backbone's stride, and the aspect mode's scale set from the training sizes."""
+        layout = replace(self, stride=stride)
+        if self.mode == "tile" and self.scale is None:
+            layout = replace(layout, scale=1.0)
+        if self.mode == "aspect" and self.scale is None:
+            if not image_sizes:
+                raise ValueError("no readable training images to set the aspect mode's scale from")
+            shorter = float(np.median([min(size) for size in image_sizes]))
+            layout = replace(layout, scale=self.image_size / shorter)
+        return layout
+
+    # -----------------------------------------------------------------------------------------
+    # Image -> input
+
+    def resized_hw(self, image_hw: tuple[int, int]) -> tuple[int, int]:
+        """(H, W) the image is resized to (before any crop)."""
+        if self.mode == "square":
+            return self.image_size, self.image_size
+        scale = 1.0 if self.scale is None else self.scale
+        # At least 32 px a side, the smallest the map's 33-tap blur can mirror at the borders.
+        smallest = self.stride * math.ceil(32 / self.stride)
+        return tuple(max(smallest, math.floor(side * scale / self.stride + 0.5) * self.stride) for side in image_hw)  # type: ignore[return-value]
+
+    def input_hw(self, image_hw: tuple[int, int]) -> tuple[int, int]:
+        """(H, W) of the whole input the backbone sees for an image of ``image_hw``."""
+        if self.center_crop:
+            return self.center_crop, self.center_crop
+        return self.resized_hw(image_hw)
+
+    def check_size(self, image_hw: tuple[int, int]) -> str | None:
+        """Why an image of this size cannot be used in this mode, or None."""
+        height, width = self.input_hw(image_hw)
+        if self.mode == "aspect" and height * width > MAX_WHOLE_INPUT_PIXELS:
+            return (
+                f"image is {image_hw[1]}x{image_hw[0]} px, {width}x{height} at scale {self.scale:.3g}: larger than the aspect mode sends "
+                f"through the backbone at once ({MAX_WHOLE_INPUT_PIXELS // 2**20} MP); use the tile input mode or a smaller scale"
+            )
+        return None
+
+    def image_to_tensor(self, rgb: np.ndarray) -> torch.Tensor:
+        """RGB ``uint8`` (H, W, 3) to the normalised float input (3, h, w)."""
+        height, width = self.resized_hw(rgb.shape[:2])
+        resized = Image.fromarray(rgb).resize((width, height), Image.Resampling.BILINEAR)
+        tensor = torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1).float().div_(255.0)
+        if self.center_crop:
+            start, stop = self._crop_box()
+            tensor = tensor[:, start:stop, start:stop]
+        mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        return tensor.sub_(mean).div_(std)
+
+    def tiles(self, input_hw: tuple[int, int], cell: int) -> list[Tile] | None:
+        """The tiles of an input of ``input_hw`` and the feature cells (``cell`` px each) each
+        supplies; None outside the tile mode (the input goes through in one piece)."""
+        if self.mode != "tile":
+            return None
+        rows = _axis_tiles(input_hw[0], self.tile_size, self.tile_overlap, self.stride, cell)
+        cols = _axis_tiles(input_hw[1], self.tile_size, self.tile_overlap, self.stride, cell)
+        return [Tile(top, left, height, width, own_rows, own_cols) for top, height, own_rows in rows for left, width, own_cols in cols]
+
+    # -----------------------------------------------------------------------------------------
+    # Map -> image
+
+    def map_to_image(self, input_map: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
+        """An anomaly map on the input grid brought back to the image's own (H, W), bilinearly.
+
+        Outside a center crop the model saw nothing; those pixels get the map's minimum.
+        """
+        full = input_map
+        if self.center_crop:
+            full = torch.full((self.image_size, self.image_size), float(input_map.min()), dtype=input_map.dtype)
+            start, stop = self._crop_box()
+            full[start:stop, start:stop] = input_map
+        if tuple(full.shape) == tuple(image_hw):
+            return full
+        return F.interpolate(full[None, None], size=tuple(image_hw), mode="bilinear", align_corners=False)[0, 0]
+
+    def _crop_box(self) -> tuple[int, int]:
+        start = (self.image_size - self.center_crop) // 2
+        return start, start + self.center_crop
+
+    # -----------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "InputLayout":
+        return cls(**values)
+
+    def describe(self) -> str:
+        if self.mode == "square":
+            crop = f", center {self.center_crop} px" if self.center_crop else ""
+            return f"square {self.image_size}x{self.image_size} px{crop}"
+        scale = "?" if self.scale is None else f"{self.scale:.3g}"
+        if self.mode == "aspect":
+            return f"aspect kept, scale {scale}"
+        return f"tiles of {self.tile_size} px overlapping by at least {self.tile_overlap} px, scale {scale}"
+
+
+def _axis_tiles(length: int, tile: int, overlap: int, align: int, cell: int) -> list[tuple[int, int, tuple[int, int]]]:
+    """(start, size, own cells) of the tiles along one axis of ``length`` px.
+
+    Tiles are spread evenly from one end to the other, starting on multiples of ``align`` and
+    overlapping by at least ``overlap``; cell ownership changes half-way between neighbouring
+    tiles' centres, so every owned cell is at least half the overlap (less half a cell) from the
+    inner border of its tile. ``length``, ``tile`` and ``overlap`` are multiples of ``align``.
+    """
+    if length <= tile:
+        return [(0, length, (0, math.ceil(length / cell)))]
+    # In units of align: the fewest tiles whose spacing is at most tile - overlap; rounding half
+    # up keeps every spacing within that bound (it is a whole number of units).
+    span, step = (length - tile) // align, (tile - overlap) // align
+    count = math.ceil(span / step) + 1
+    starts = [math.floor(k * span / (count - 1) + 0.5) * align for k in range(count)]
+    centres = [start + tile / 2 for start in starts]
+    bounds = [0] + [round((a + b) / 2 / cell) for a, b in zip(centres, centres[1:])] + [length // cell]
+    return [(start, tile, (bounds[k], bounds[k + 1])) for k, start in enumerate(starts)]
