@@ -33,7 +33,7 @@ RUNS = {
     "cookies": ("cookies", ["square", "aspect", "tile"]),
 }
 COLUMNS = [
-    "image_auroc", "pixel_auroc", "pixel_aupro", "image_f1", "image_f1_max", "good_flagged_rate", "defects_missed_rate",
+    "image_auroc", "pixel_auroc", "pixel_auroc_input_grid", "pixel_aupro", "image_f1", "image_f1_max", "good_flagged_rate", "defects_missed_rate",
     "good_flagged", "num_good", "fit_seconds", "images_per_second",
 ]
 
@@ -67,13 +67,16 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def markdown(summary: dict) -> str:
-    header = "| data | input mode | image AUROC | pixel AUROC | AUPRO | image F1 (calibrated) | image F1 (best) | good flagged | defects missed | fit s | scoring img/s | bank |"
-    lines = [f"`{summary['command']}` on {summary['machine']}; false-alarm rate {summary['false_alarm_rate']:.0%}", "", header, "|---" * 12 + "|"]
+    header = (
+        "| data | input mode | image AUROC | pixel AUROC | pixel AUROC, input grid | AUPRO | image F1 (calibrated) | image F1 (best) | "
+        "good flagged | defects missed | fit s | scoring img/s | bank |"
+    )
+    lines = [f"`{summary['command']}` on {summary['machine']}; false-alarm rate {summary['false_alarm_rate']:.0%}", "", header, "|---" * 13 + "|"]
     flagged = good = 0
     for name, modes in summary["results"].items():
         for mode, r in modes.items():
             lines.append(
-                f"| {name} | {mode} | {r['image_auroc']:.3f} | {r['pixel_auroc']:.3f} | {r['pixel_aupro']:.3f} | {r['image_f1']:.3f} | "
+                f"| {name} | {mode} | {r['image_auroc']:.3f} | {r['pixel_auroc']:.3f} | {r['pixel_auroc_input_grid']:.3f} | {r['pixel_aupro']:.3f} | {r['image_f1']:.3f} | "
                 f"{r['image_f1_max']:.3f} | {r['good_flagged']}/{r['num_good']} ({r['good_flagged_rate']:.1%}) | {r['defects_missed_rate']:.1%} | "
                 f"{r['fit_seconds']:.1f} | {r['images_per_second']:.1f} | {r['bank'][0]} x {r['bank'][1]} |"
             )

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .data import BadInputError, list_test_samples, read_mask
-from .metrics import compute_metrics
+from .metrics import compute_metrics, pixel_auroc
 from .calibrate import Calibration
 from .model import PatchCore
 from .render import PictureWriter, test_picture
@@ -29,7 +29,8 @@ def evaluate(
     """Score ``DATA/test/*`` against ``DATA/ground_truth/*`` and write the results under ``out_dir``.
 
     Pixel metrics are computed on the grid the masks are on (each image's own resolution), with
-    the anomaly maps brought there. A test image that cannot be read, or whose mask is missing or
+    the anomaly maps brought there; ``pixel_auroc_input_grid`` is the pixel AUROC the way
+    anomalib measures it, with the masks brought (nearest neighbour) to the model's input grid. A test image that cannot be read, or whose mask is missing or
     of the wrong size, is reported, listed under ``skipped`` and left out; the rest are still
     scored. Besides the metrics, the decision at the calibrated threshold is summarised: the
     share of good test images flagged and of defective ones missed (:func:`decision_summary`).
@@ -39,6 +40,7 @@ def evaluate(
     samples = list_test_samples(data)
     calibration = model.calibration_
     rows, labels, scores, masks, maps, skipped = [], [], [], [], [], []
+    input_masks, input_maps = [], []  # on the model's input grid, as anomalib measures
     started = time.perf_counter()
     with PictureWriter() as pictures_out:  # closed (pictures all written) even on an error
         for sample, prediction in zip(samples, model.iter_predictions([s.path for s in samples], keep_images=pictures)):
@@ -54,6 +56,8 @@ def evaluate(
             scores.append(prediction.score)
             masks.append(mask)
             maps.append(prediction.anomaly_map)
+            input_masks.append(model.layout_.mask_to_input(mask))
+            input_maps.append(prediction.input_map)
             picture = ""
             if pictures:
                 relative = sample.path.relative_to(Path(data) / "test")
@@ -79,6 +83,7 @@ def evaluate(
     del masks, maps
     result = {
         **metrics,
+        "pixel_auroc_input_grid": pixel_auroc(input_masks, input_maps),
         **decision_summary(np.array(labels), np.array(scores), calibration, metrics["image_f1_max_threshold"]),
         "image_threshold": calibration.image_threshold,
         "num_test_images": len(rows),

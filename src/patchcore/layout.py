@@ -137,6 +137,17 @@ class InputLayout:
         std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
         return tensor.sub_(mean).div_(std)
 
+    def mask_to_input(self, mask: np.ndarray) -> np.ndarray:
+        """A full-resolution mask brought to the input grid (nearest neighbour), as anomalib
+        measures pixel metrics: for comparing with it, beside the metrics on the mask's own grid."""
+        height, width = self.resized_hw(mask.shape)
+        resized = Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height), Image.Resampling.NEAREST)
+        resized = np.asarray(resized) > 127
+        if self.center_crop:
+            start, stop = self._crop_box()
+            resized = resized[start:stop, start:stop]
+        return resized
+
     def tiles(self, input_hw: tuple[int, int], cell: int) -> list[Tile] | None:
         """The tiles of an input of ``input_hw`` and the feature cells (``cell`` px each) each
         supplies; None outside the tile mode (the input goes through in one piece)."""

@@ -179,9 +179,7 @@ class PatchCore:
         clock.lap("coreset")
         self.index_ = NearestNeighbourIndex(self.memory_bank_, self.index)
 
-        # Picks are in row order, so each image's bank entries are one run: find where each starts.
-        bank_starts = np.searchsorted(picks.numpy(), patches.starts)
-        scores, peaks, map_mean, self.calibration_sources_ = self._leave_one_out(patches, bank_starts)
+        scores, peaks, map_mean, self.calibration_sources_ = self._leave_one_out(patches, own_runs(picks.numpy(), patches.starts))
         self.calibration_ = calibrate(scores, peaks, map_mean, self.false_alarm_rate)
         clock.lap("calibration")
         self.fit_seconds_ = clock.laps
@@ -206,7 +204,7 @@ class PatchCore:
         self.memory_bank_ = torch.cat([self.memory_bank_, added.to(self.memory_bank_.device)])
         self.num_fit_images_ += len(patches.sources)
         self.index_ = NearestNeighbourIndex(self.memory_bank_, self.index)
-        scores, peaks, map_mean, sources = self._leave_one_out(patches, before + np.searchsorted(picks.numpy(), patches.starts))
+        scores, peaks, map_mean, sources = self._leave_one_out(patches, before + own_runs(picks.numpy(), patches.starts))
         old = self.calibration_
         if old.good_scores:  # a format-1 model stores none: its old images cannot take part
             scores = np.concatenate([old.good_scores, scores])
@@ -490,6 +488,16 @@ class _PhaseClock:
         now = time.perf_counter()
         self.laps[phase] = now - self._last
         self._last = now
+
+
+def own_runs(picks: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Where each image's entries begin in a bank of picked rows, then the end.
+
+    ``picks`` are the picked feature rows in increasing order and ``starts`` the first row of
+    each image, then the end; since rows go image by image, image i's entries are the run
+    ``bank[runs[i]:runs[i + 1]]``.
+    """
+    return np.searchsorted(picks, starts)
 
 
 def _image_sizes(images: ImageInput) -> list[tuple[int, int]]:

@@ -218,3 +218,34 @@ def test_beyond_the_calibration_cap_a_seeded_sample_sets_the_threshold(welds, mo
     assert set(model.calibration_sources_) < {str(p) for p in images}
     again = PatchCore("mobilenet_v2", progress=False, coreset_ratio=0.05).fit(images)
     assert again.calibration_sources_ == model.calibration_sources_  # the sample is seeded
+
+
+def test_leave_one_out_scores_equal_brute_force_without_the_images_own_bank_entries(model):
+    """For a few training images: find the bank entries that are the image's own patches, take
+    them out, and score the image by brute force (float64 distances, eq. 7 written out)."""
+    import math
+
+    from patchcore.data import read_image
+    from patchcore.maps import anomaly_maps
+
+    bank = model.memory_bank_.double()
+    for image in (0, 17, 36):
+        source = model.calibration_sources_[image]
+        batch = model.layout_.image_to_tensor(read_image(source))[None]
+        features = model._features(batch)[0]
+        grid = features.shape[:2]
+        patches = features.reshape(-1, features.shape[-1]).double()
+        distances = torch.cdist(patches, bank)
+        own = (distances < 1e-3).any(dim=0)  # the bank's copies of this image's patches
+        assert int(own.sum()) > 50  # 10% of its 1,024 patches, give or take the greedy picks
+        kept = torch.where(own, math.inf, distances)
+        nearest_distance, nearest = kept.min(dim=1)
+        worst = int(nearest_distance.argmax())
+        s_star = float(nearest_distance[worst])
+        around = torch.where(own, math.inf, torch.cdist(bank[nearest[worst]][None], bank)[0])
+        neighbourhood = around.topk(9, largest=False).indices
+        denominator = sum(math.exp(float(torch.dist(patches[worst], bank[m]))) for m in neighbourhood)
+        expected = (1 - math.exp(s_star) / denominator) * s_star
+        assert model.calibration_.good_scores[image] == pytest.approx(expected, rel=1e-4)
+        peak = float(anomaly_maps(nearest_distance.float().reshape(1, *grid), tuple(batch.shape[-2:])).max())
+        assert model.calibration_.good_map_peaks[image] == pytest.approx(peak, rel=1e-4)

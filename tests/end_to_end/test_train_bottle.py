@@ -22,6 +22,7 @@ def test_accuracy_floors(bottle_run):
     # ours are on the masks' own 900 x 900 grid.
     assert metrics["image_auroc"] >= 0.99
     assert metrics["pixel_auroc"] >= 0.98
+    assert metrics["pixel_auroc_input_grid"] >= 0.978  # on the 256 px grid, as anomalib measures
     assert metrics["pixel_aupro"] >= 0.85
     assert metrics["image_f1_max"] >= 0.98
     assert metrics["image_f1"] >= 0.95  # at the threshold set on good training images only

@@ -77,6 +77,42 @@ def test_image_to_tensor_crop_is_centered() -> None:
 
 
 
+def test_mask_to_input_no_crop_nearest() -> None:
+    mask = np.zeros((64, 64), dtype=bool)
+    mask[:32, :32] = True
+    out = InputLayout("square", 32).mask_to_input(mask)
+    assert out.dtype == bool
+    assert out.shape == (32, 32)
+    assert out.sum() == 16 * 16
+    assert out[:16, :16].all()
+
+
+def test_mask_to_input_with_crop() -> None:
+    mask = np.zeros((128, 128), dtype=bool)
+    mask[:64, :64] = True
+    out = InputLayout("square", 64, 32).mask_to_input(mask)  # resized mask's [16:48, 16:48]
+    assert out.shape == (32, 32)
+    assert out.sum() == 16 * 16
+    assert out[:16, :16].all()
+
+
+def test_mask_to_input_nearest_keeps_single_pixels_binary() -> None:
+    mask = np.zeros((10, 10), dtype=bool)
+    mask[3, 7] = True
+    out = InputLayout("square", 40).mask_to_input(mask)  # upsampling x4 by nearest: a 4x4 block
+    assert out.shape == (40, 40)
+    assert out.sum() == 16
+    assert out[12:16, 28:32].all()
+
+
+def test_mask_to_input_in_the_aspect_mode_keeps_the_shape() -> None:
+    mask = np.zeros((100, 400), dtype=bool)
+    mask[50:, 200:] = True
+    out = InputLayout("aspect", scale=0.5).fitted(16, []).mask_to_input(mask)
+    assert out.shape == (48, 208)  # 50 -> 48, 200 -> 208: the input's own grid
+    assert out[30:, 110:].all() and not out[:20].any() and not out[:, :100].any()
+
+
 def test_map_to_image_returns_image_size() -> None:
     input_map = torch.rand(32, 32)
     out = InputLayout("square", 32).map_to_image(input_map, (50, 70))

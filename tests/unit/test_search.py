@@ -156,13 +156,27 @@ def test_leaving_everything_out_is_refused():
 
 
 def test_image_scores_follow_eq7_without_the_images_own_entries():
+    # The image's own entries 150..213 each have a near twin at 300.. outside the run, so m*
+    # (a twin) has the image's own entry among its nearest bank neighbours unless they are
+    # left out of N_b(m*) too.
     bank = make_bank(400, 8, seed=11)
+    bank[300:364] = bank[150:214] + 0.05 * make_bank(64, 8, seed=13)
     features = bank[150:214].reshape(1, 64, 8) + 0.01 * make_bank(64, 8, seed=12).reshape(1, 64, 8)
     index = NearestNeighbourIndex(bank)
     own = (150, 214)
     distances, nearest = index.search(features.reshape(-1, 8), k=1, exclude=own)
     patch = distances[:, 0].reshape(1, 64)
     scores = reweighted_image_scores(index, features, patch, nearest[:, 0].reshape(1, 64), num_neighbors=9, exclude=own)
-    assert torch.allclose(scores.double(), brute_force_eq7(bank, features, 9, exclude=own), atol=1e-4)
+    assert torch.allclose(scores.double(), brute_force_eq7(bank, features, 9, exclude=own), atol=1e-5)
     # With the entries the image came from in the bank, it would score near zero.
-    assert float(scores[0]) > 20 * float(index.search(features.reshape(-1, 8), k=1)[0].max())
+    assert float(scores[0]) > 2 * float(index.search(features.reshape(-1, 8), k=1)[0].max())
+
+
+def test_each_images_bank_entries_are_one_run_of_the_sorted_picks():
+    import numpy as np
+
+    from patchcore.model import own_runs
+
+    picks = np.array([0, 5, 9, 10, 15, 29, 31])  # rows of 3 images of 10 patches, then a 4th of 5
+    starts = np.array([0, 10, 20, 30, 35])
+    assert own_runs(picks, starts).tolist() == [0, 3, 5, 6, 7]  # image 2 owns only row 29
