@@ -400,8 +400,7 @@ def markdown(r: dict) -> str:
         "| bottle, MobileNetV2, 10% coreset | patchcore | plain reference | anomalib 2.7 |",
         "|---|---|---|---|",
         f"| fit, whole process (s) | {fit['patchcore']['process_seconds']:.1f} | {fit['reference']['process_seconds']:.1f} | {r['anomalib_2_7']['fit_seconds']:.0f} |",
-        f"| fit: features / coreset (s) | {fit['patchcore']['phases']['features']:.1f} / {fit['patchcore']['phases']['coreset']:.1f} | "
-        f"{fit['reference']['phases']['features']:.1f} / {fit['reference']['phases']['coreset']:.1f} | - |",
+        f"| fit: features / coreset / calibration (s) | {_phases(fit['patchcore'])} | {_phases(fit['reference'])} | - |",
         f"| fit peak memory (GB) | {fit['patchcore']['peak_memory_gb']:.2f} | {fit['reference']['peak_memory_gb']:.2f} | {r['anomalib_2_7']['peak_memory_gb']:.2f} |",
         f"| image AUROC / pixel AUROC | {acc['exact']['image_auroc']:.3f} / {acc['exact']['pixel_auroc']:.3f} | "
         f"{acc['reference']['image_auroc']:.3f} / {acc['reference']['pixel_auroc']:.3f} | {r['anomalib_2_7']['image_auroc']:.3f} / {r['anomalib_2_7']['pixel_auroc']:.3f} |",
@@ -432,6 +431,12 @@ def markdown(r: dict) -> str:
         for backbone, exponents in r["scale_growth_exponents"].items():
             lines.append(f"\n{backbone}: fit time grows as images^{exponents['fit_seconds']:.2f}, peak memory as images^{exponents['peak_memory_gb']:.2f}.")
     return "\n".join(lines) + "\n"
+
+
+def _phases(run: dict) -> str:
+    """Features / coreset / calibration seconds (fits before leave-one-out calibration had no such phase)."""
+    phases = run["phases"]
+    return " / ".join(f"{phases[key]:.1f}" if key in phases else "-" for key in ("features", "coreset", "calibration"))
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

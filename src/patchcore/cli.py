@@ -193,8 +193,6 @@ def _test(model, args: argparse.Namespace, out: Path) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .model import PatchCore
-
     if args.command == "fit" and args.update:
         _update(args, Path(args.out))
     elif args.command == "fit":
@@ -227,6 +225,8 @@ def _load(args: argparse.Namespace):
 
     model = PatchCore.load(args.model, device=args.device, batch_size=args.batch_size, index=args.index, progress=not args.quiet)
     if args.false_alarm_rate is not None:
+        if not 0 < args.false_alarm_rate < 1:
+            raise ValueError(f"false-alarm rate must be between 0 and 1 (e.g. 0.05 for 5%), got {args.false_alarm_rate}")
         try:
             model.calibration_ = model.calibration_.at_rate(args.false_alarm_rate)
         except ValueError as error:
@@ -243,7 +243,6 @@ def _split_weights(item: str) -> tuple[str, str]:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from .model import PatchCore
     from .render import PictureWriter, predict_picture
 
     model = _load(args)

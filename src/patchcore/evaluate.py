@@ -30,9 +30,9 @@ def evaluate(
 
     Pixel metrics are computed on the grid the masks are on (each image's own resolution), with
     the anomaly maps brought there; ``pixel_auroc_input_grid`` is the pixel AUROC the way
-    anomalib measures it, with the masks brought (nearest neighbour) to the model's input grid. A test image that cannot be read, or whose mask is missing or
-    of the wrong size, is reported, listed under ``skipped`` and left out; the rest are still
-    scored. Besides the metrics, the decision at the calibrated threshold is summarised: the
+    anomalib measures it, with the masks brought (nearest neighbour) to the model's input grid.
+    A test image that cannot be read, or whose mask is missing or of the wrong size, is
+    reported, listed under ``skipped`` and left out; the rest are still scored. Besides the metrics, the decision at the calibrated threshold is summarised: the
     share of good test images flagged and of defective ones missed (:func:`decision_summary`).
     """
     out_dir = Path(out_dir)
