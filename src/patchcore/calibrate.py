@@ -24,7 +24,7 @@ about ``rate`` of good images. Normalised scores put a typical good image at 0 a
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -35,7 +35,7 @@ from scipy.stats import beta
 DEFAULT_FALSE_ALARM_RATE = 0.05
 #: coverage of the interval recorded for the realised false-alarm rate
 INTERVAL_CONFIDENCE = 0.9
-#: how the cut is set (recorded in the model; ``legacy`` for format-1 files)
+#: how the cut is set (recorded in the model; format-1 files read as "highest held-out score")
 METHOD = "leave-one-image-out order statistic"
 
 
@@ -164,10 +164,6 @@ class Calibration:
         if values.get("false_alarm_interval") is not None:
             values["false_alarm_interval"] = tuple(values["false_alarm_interval"])
         return cls(**values)
-
-    def with_threshold(self, image_threshold: float) -> "Calibration":
-        """The same calibration with the image cut replaced (``predict --threshold``)."""
-        return replace(self, image_threshold=float(image_threshold), expected_false_alarm_rate=None, false_alarm_interval=None, method="user threshold")
 
 
 def _span(threshold: float, mean: float) -> float:

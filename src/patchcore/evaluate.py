@@ -32,8 +32,9 @@ def evaluate(
     the anomaly maps brought there; ``pixel_auroc_input_grid`` is the pixel AUROC the way
     anomalib measures it, with the masks brought (nearest neighbour) to the model's input grid.
     A test image that cannot be read, or whose mask is missing or of the wrong size, is
-    reported, listed under ``skipped`` and left out; the rest are still scored. Besides the metrics, the decision at the calibrated threshold is summarised: the
-    share of good test images flagged and of defective ones missed (:func:`decision_summary`).
+    reported, listed under ``skipped`` and left out; the rest are still scored. Besides the
+    metrics, the decision at the calibrated threshold is summarised: the share of good test
+    images flagged and of defective ones missed (:func:`decision_summary`).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -79,12 +80,13 @@ def evaluate(
     if not rows:
         raise BadInputError(f"'{data}': none of the {len(samples)} test images could be scored")
 
-    metrics = compute_metrics(np.array(labels), np.array(scores), masks, maps, calibration.image_threshold)
+    labels, scores = np.array(labels), np.array(scores)
+    metrics = compute_metrics(labels, scores, masks, maps, calibration.image_threshold)
     del masks, maps
     result = {
         **metrics,
         "pixel_auroc_input_grid": pixel_auroc(input_masks, input_maps),
-        **decision_summary(np.array(labels), np.array(scores), calibration, metrics["image_f1_max_threshold"]),
+        **decision_summary(labels, scores, calibration, metrics["image_f1_max_threshold"]),
         "image_threshold": calibration.image_threshold,
         "num_test_images": len(rows),
         "num_defective": int(sum(labels)),

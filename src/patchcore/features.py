@@ -49,12 +49,11 @@ class PatchFeatures(nn.Module):
             return self._patches(images)
         size = images.shape[0]
         crops = torch.cat([images[:, :, t.top : t.top + t.height, t.left : t.left + t.width] for t in tiles])  # tile-major
-        stitched: torch.Tensor | None = None
         outputs = torch.cat([self._patches(chunk) for chunk in crops.split(tile_batch)])
+        # The last tile owns the grid's far corner: its ends are the grid's size.
+        stitched = outputs.new_empty((size, tiles[-1].own_rows[1], tiles[-1].own_cols[1], outputs.shape[-1]))
         for number, tile in enumerate(tiles):
             features = outputs[number * size : (number + 1) * size]
-            if stitched is None:
-                stitched = features.new_empty((size, tiles[-1].own_rows[1], tiles[-1].own_cols[1], features.shape[-1]))
             (r0, r1), (c0, c1) = tile.own_rows, tile.own_cols
             top, left = tile.top // self.cell, tile.left // self.cell
             stitched[:, r0:r1, c0:c1] = features[:, r0 - top : r1 - top, c0 - left : c1 - left]

@@ -384,14 +384,15 @@ class PatchCore:
             return
         for loaded in load_batches([Path(p) for p in images], self.layout_, self.batch_size, keep_rgb=keep_images):
             run: list[LoadedImage] = []
+            shape = None  # input size of the run's readable images
             for item in loaded:
-                readable = [i.tensor for i in run if i.tensor is not None]
-                if item.tensor is not None and readable and item.tensor.shape != readable[0].shape:
-                    yield torch.stack(readable), run
-                    run = []
+                if item.tensor is not None:
+                    if shape is not None and item.tensor.shape != shape:
+                        yield _stack_readable(run), run
+                        run = []
+                    shape = item.tensor.shape
                 run.append(item)
-            readable = [i.tensor for i in run if i.tensor is not None]
-            yield (torch.stack(readable) if readable else None), run
+            yield _stack_readable(run), run
 
     def _prepare_tensor(self, batch: torch.Tensor) -> torch.Tensor:
         if batch.ndim != 4 or batch.shape[1] != 3:
@@ -505,6 +506,11 @@ def _image_sizes(images: ImageInput) -> list[tuple[int, int]]:
     if isinstance(images, torch.Tensor):
         return [tuple(images.shape[-2:])] * len(images)
     return [size for size in map(image_size_hw, images) if size is not None]
+
+
+def _stack_readable(run: list[LoadedImage]) -> torch.Tensor | None:
+    readable = [item.tensor for item in run if item.tensor is not None]
+    return torch.stack(readable) if readable else None
 
 
 def _grow(rows: torch.Tensor, needed: int) -> torch.Tensor:
