@@ -92,6 +92,18 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--no-pictures", action="store_true", help="skip the heat-map pictures")
     _add_run_options(predict)
 
+    serve = commands.add_parser("serve", help="serve a model over HTTP: scoring, health, metrics, reload, and an inspection page at /")
+    serve.add_argument("model", help="model file")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every interface (default: %(default)s)")
+    serve.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    serve.add_argument("--name", help="the model's name in the routes /v2/models/NAME/... (default: the file's stem)")
+    serve.add_argument("--max-batch", type=int, default=8, help="images per backbone batch, gathered from concurrent requests (default: %(default)s)")
+    serve.add_argument("--max-wait-ms", type=float, default=10.0, help="longest wait for a batch to fill once an image waits (default: %(default)s)")
+    serve.add_argument("--max-queue", type=int, default=64, help="images waiting at most; more get 503 with Retry-After; keep it at least --max-batch, or batches stay smaller (default: %(default)s)")
+    serve.add_argument("--max-request-mb", type=float, default=32.0, help="largest request body; larger get 413 (default: %(default)s)")
+    serve.add_argument("--max-image-pixels", type=int, default=40_000_000, help="largest image in pixels, checked before decoding; larger get 413 (default: %(default)s)")
+    serve.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+
     bench = commands.add_parser("benchmark", help="fit and test every category under an MVTec AD root; write the seed's tables")
     bench.add_argument("root", help="MVTec AD root (a folder of category folders)")
     bench.add_argument("--backbone", nargs="+", required=True, choices=sorted(BACKBONES), metavar="NAME", help=f"one or more of: {', '.join(sorted(BACKBONES))}")
@@ -208,6 +220,8 @@ def run(args: argparse.Namespace) -> int:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     elif args.command == "predict":
         return _predict(args)
+    elif args.command == "serve":
+        return _serve(args)
     elif args.command == "benchmark":
         from .benchmark import run_benchmark
 
@@ -242,6 +256,17 @@ def _split_weights(item: str) -> tuple[str, str]:
     return name, file
 
 
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from .serve import serve
+    except ImportError as error:
+        raise BadInputError(f"serve needs the server's packages ({error.name} is missing): pip install 'patchcore[serve]'") from None
+    return serve(
+        args.model, host=args.host, port=args.port, name=args.name, device=args.device, max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, max_request_mb=args.max_request_mb, max_image_pixels=args.max_image_pixels,
+    )
+
+
 def _predict(args: argparse.Namespace) -> int:
     from .render import PictureWriter, predict_picture
 
@@ -255,14 +280,12 @@ def _predict(args: argparse.Namespace) -> int:
     scored = failed = 0
     with open(out / "predictions.jsonl", "w") as lines, PictureWriter() as pictures:
         for prediction in model.iter_predictions(paths, keep_images=not args.no_pictures, threshold=args.threshold):
-            record: dict = {"path": prediction.source}
+            record = prediction.to_record()
             if prediction.error is not None:
                 failed += 1
                 _log(f"skipped {prediction.error}")
-                record["error"] = prediction.error
             else:
                 scored += 1
-                record.update(score=prediction.score, normalized_score=prediction.normalized_score, is_anomalous=prediction.is_anomalous)
                 if not args.no_pictures:
                     picture = out / "images" / names[prediction.source]
                     pictures.submit(picture, partial(predict_picture, prediction.image, prediction.map_at, model.calibration_, prediction.score, prediction.is_anomalous))

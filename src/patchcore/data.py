@@ -6,6 +6,7 @@ batch can report one bad image and carry on with the rest.
 
 from __future__ import annotations
 
+import io
 import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,6 +30,18 @@ warnings.simplefilter("error", Image.DecompressionBombWarning)
 
 class BadInputError(ValueError):
     """An input file or folder that cannot be used; the message names it and says why."""
+
+
+class NotAnImageError(BadInputError):
+    """The file is in no image format we read (a text file, a PDF, an empty file)."""
+
+
+class DamagedImageError(BadInputError):
+    """The file looks like an image but cannot be decoded (truncated, corrupt)."""
+
+
+class ImageTooLargeError(BadInputError):
+    """The image has more pixels than allowed (e.g. a decompression bomb); refused before decoding."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,29 +128,46 @@ def _find_mask(mask_dir: Path, relative: Path) -> Path:
 # Decoding
 
 
-def read_image(path: str | Path) -> np.ndarray:
+def read_image(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
     """Decode any common image to RGB ``uint8`` of shape (H, W, 3).
 
     Grayscale, palette, RGBA (composited on black, as a camera sees it), CMYK, 16-bit and float
-    images are all brought to 8-bit RGB; EXIF orientation is applied.
+    images are all brought to 8-bit RGB; EXIF orientation is applied. An image of more than
+    ``max_pixels`` pixels (default: Pillow's decompression-bomb limit) is refused from its header.
     """
     path = Path(path)
     if not path.is_file():
         raise BadInputError(f"'{path}': no such file")
+    return _decode(path, str(path), max_pixels)
+
+
+def read_image_bytes(data: bytes, name: str, max_pixels: int | None = None) -> np.ndarray:
+    """:func:`read_image` for an image held in memory (an upload); ``name`` is used in errors."""
+    if not data:
+        raise NotAnImageError(f"'{name}': empty file")
+    return _decode(io.BytesIO(data), name, max_pixels)
+
+
+def _decode(source: Path | io.BytesIO, name: str, max_pixels: int | None) -> np.ndarray:
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
+            width, height = image.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ImageTooLargeError(f"'{name}': image is {width}x{height} px, more than the limit of {max_pixels:,} pixels")
             image.load()
             image = ImageOps.exif_transpose(image)
             array = _to_rgb8(image)
     except BadInputError:
         raise
-    except Image.DecompressionBombWarning as error:
-        raise BadInputError(f"'{path}': image too large ({error})") from None
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
+        raise ImageTooLargeError(f"'{name}': image too large ({error})") from None
+    except Image.UnidentifiedImageError:
+        raise NotAnImageError(f"'{name}': not a readable image (not in any image format)") from None
     except Exception as error:  # PIL raises many types for damaged files; all mean the same here
         cause = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise BadInputError(f"'{path}': not a readable image ({cause})") from None
+        raise DamagedImageError(f"'{name}': not a readable image ({cause})") from None
     if array.shape[0] < 8 or array.shape[1] < 8:
-        raise BadInputError(f"'{path}': image is {array.shape[1]}x{array.shape[0]} px, too small (at least 8x8)")
+        raise BadInputError(f"'{name}': image is {array.shape[1]}x{array.shape[0]} px, too small (at least 8x8)")
     return array
 
 
@@ -213,9 +243,14 @@ def _load(path: Path, layout: InputLayout, keep_rgb: bool) -> LoadedImage:
         rgb = read_image(path)
     except BadInputError as error:
         return LoadedImage(path, error=str(error))
+    return prepare_image(path, rgb, layout, keep_rgb)
+
+
+def prepare_image(name: str | Path, rgb: np.ndarray, layout: InputLayout, keep_rgb: bool = False) -> LoadedImage:
+    """A decoded image made ready for the backbone, or its error if its size cannot be used."""
     if (problem := layout.check_size(rgb.shape[:2])) is not None:
-        return LoadedImage(path, error=f"'{path}': {problem}")
-    return LoadedImage(path, layout.image_to_tensor(rgb), rgb.shape[:2], rgb if keep_rgb else None)
+        return LoadedImage(Path(name), error=f"'{name}': {problem}")
+    return LoadedImage(Path(name), layout.image_to_tensor(rgb), rgb.shape[:2], rgb if keep_rgb else None)
 
 
 def load_batches(paths: Sequence[Path], layout: InputLayout, batch_size: int, keep_rgb: bool = False, workers: int = 2) -> Iterator[list[LoadedImage]]:

@@ -29,6 +29,7 @@ from .data import LoadedImage, image_size_hw, load_batches
 from .features import PatchFeatures
 from .layout import InputLayout
 from .maps import anomaly_maps
+from .regions import Region, find_regions, prediction_record
 from .search import INDEX_KINDS, NearestNeighbourIndex, reweighted_image_scores
 from .storage import read_model, write_model
 
@@ -50,11 +51,13 @@ class Prediction:
     score: float = math.nan
     normalized_score: float = math.nan  # 0 = a typical good image, 1 = the threshold
     is_anomalous: bool = False
+    threshold: float = math.nan  # the image threshold the decision used (raw score units)
     input_map: np.ndarray | None = None  # (h, w) anomaly map on the backbone's input grid
     image_size: tuple[int, int] | None = None  # (H, W) of the image
     image: np.ndarray | None = None  # RGB uint8, only when asked for (pictures)
     error: str | None = None
     layout: InputLayout | None = field(default=None, repr=False, compare=False)
+    calibration: Calibration | None = field(default=None, repr=False, compare=False)
 
     @cached_property
     def anomaly_map(self) -> np.ndarray | None:
@@ -64,6 +67,17 @@ class Prediction:
     def map_at(self, size_hw: tuple[int, int]) -> np.ndarray:
         """The anomaly map brought to any (H, W) over the whole image, e.g. a picture's size."""
         return self.layout.map_to_image(torch.from_numpy(self.input_map), size_hw).numpy()
+
+    @property
+    def regions(self) -> list[Region]:
+        """The defect regions: where the map is at or above the pixel threshold, highest peak first."""
+        return [] if self.error is not None else find_regions(self.anomaly_map, self.calibration)
+
+    def to_record(self) -> dict[str, Any]:
+        """The JSON record ``predict`` writes and the server answers (with ``error`` for an unreadable image)."""
+        if self.error is not None:
+            return {"path": self.source, "error": self.error}
+        return prediction_record(self.source, self.score, self.is_anomalous, self.threshold, self.anomaly_map, self.calibration)
 
 
 @dataclass
@@ -317,30 +331,43 @@ class PatchCore:
         scores, maps = self._score_prepared(self._prepare_tensor(batch))
         return scores.numpy(), maps.numpy()
 
-    def _predict_batches(self, images: ImageInput, label: str, keep_images: bool = False, threshold: float | None = None) -> Iterator[Prediction]:
+    def predict_loaded(self, loaded: Sequence[LoadedImage], threshold: float | None = None) -> Iterator[Prediction]:
+        """Score images already decoded and prepared (``data.load_image``), in order, one result each.
+
+        The server decodes uploads itself and scores them here, through the same path as
+        :meth:`iter_predictions`; images of different input sizes are scored in separate batches.
+        """
+        self._check_fitted()
         calibration: Calibration = self.calibration_
         cut = threshold if threshold is not None else calibration.image_threshold
+        for batch, run in _same_size_runs(loaded):
+            scores, maps = self._score_prepared(batch) if batch is not None else (None, None)
+            position = 0
+            for item in run:
+                if item.error is not None:
+                    yield Prediction(str(item.path), error=item.error)
+                    continue
+                score, input_map = float(scores[position]), maps[position]
+                position += 1
+                yield Prediction(
+                    source=str(item.path),
+                    score=score,
+                    normalized_score=float(calibration.normalize_scores(score)),
+                    is_anomalous=score >= cut,
+                    threshold=cut,
+                    input_map=input_map.numpy(),
+                    image_size=item.original_hw,
+                    image=item.rgb,
+                    layout=self.layout_,
+                    calibration=calibration,
+                )
+
+    def _predict_batches(self, images: ImageInput, label: str, keep_images: bool = False, threshold: float | None = None) -> Iterator[Prediction]:
         with self._bar(len(images), label) as bar:
-            for batch, loaded in self._input_batches(images, keep_images):
-                scores, maps = self._score_prepared(batch) if batch is not None else (None, None)
-                position = 0
-                for item in loaded:
+            for loaded in self._loaded_batches(images, keep_images):
+                for prediction in self.predict_loaded(loaded, threshold):
                     bar.update(1)
-                    if item.error is not None:
-                        yield Prediction(str(item.path), error=item.error)
-                        continue
-                    score, input_map = float(scores[position]), maps[position]
-                    position += 1
-                    yield Prediction(
-                        source=str(item.path),
-                        score=score,
-                        normalized_score=float(calibration.normalize_scores(score)),
-                        is_anomalous=score >= cut,
-                        input_map=input_map.numpy(),
-                        image_size=item.original_hw,
-                        image=item.rgb,
-                        layout=self.layout_,
-                    )
+                    yield prediction
 
     def _features(self, batch: torch.Tensor) -> torch.Tensor:
         """Patch features (B, h, w, D) of a batch of same-size inputs, through tiles in the tile mode."""
@@ -372,27 +399,22 @@ class PatchCore:
 
         Images of different input sizes (aspect and tile modes) go in separate batches, in order.
         """
+        for loaded in self._loaded_batches(images, keep_images):
+            yield from _same_size_runs(loaded)
+
+    def _loaded_batches(self, images: ImageInput, keep_images: bool = False) -> Iterator[list[LoadedImage]]:
+        """Images decoded and prepared for the backbone, ``batch_size`` at a time, errors kept in place."""
         if isinstance(images, torch.Tensor):
             for start in range(0, len(images), self.batch_size):
                 chunk = images[start : start + self.batch_size]
+                prepared = self._prepare_tensor(chunk)
                 hw = tuple(chunk.shape[-2:])
-                loaded = [
-                    LoadedImage(Path(f"tensor[{start + i}]"), original_hw=hw, rgb=_to_rgb8(chunk[i]) if keep_images else None)
+                yield [
+                    LoadedImage(Path(f"tensor[{start + i}]"), prepared[i], original_hw=hw, rgb=_to_rgb8(chunk[i]) if keep_images else None)
                     for i in range(len(chunk))
                 ]
-                yield self._prepare_tensor(chunk), loaded
             return
-        for loaded in load_batches([Path(p) for p in images], self.layout_, self.batch_size, keep_rgb=keep_images):
-            run: list[LoadedImage] = []
-            shape = None  # input size of the run's readable images
-            for item in loaded:
-                if item.tensor is not None:
-                    if shape is not None and item.tensor.shape != shape:
-                        yield _stack_readable(run), run
-                        run = []
-                    shape = item.tensor.shape
-                run.append(item)
-            yield _stack_readable(run), run
+        yield from load_batches([Path(p) for p in images], self.layout_, self.batch_size, keep_rgb=keep_images)
 
     def _prepare_tensor(self, batch: torch.Tensor) -> torch.Tensor:
         if batch.ndim != 4 or batch.shape[1] != 3:
@@ -506,6 +528,22 @@ def _image_sizes(images: ImageInput) -> list[tuple[int, int]]:
     if isinstance(images, torch.Tensor):
         return [tuple(images.shape[-2:])] * len(images)
     return [size for size in map(image_size_hw, images) if size is not None]
+
+
+def _same_size_runs(loaded: Sequence[LoadedImage]) -> Iterator[tuple[torch.Tensor | None, list[LoadedImage]]]:
+    """Split images, in order, into runs whose readable images share one input size: (their
+    stacked tensors or None, the run with its unreadable images in place)."""
+    run: list[LoadedImage] = []
+    shape = None  # input size of the run's readable images
+    for item in loaded:
+        if item.tensor is not None:
+            if shape is not None and item.tensor.shape != shape:
+                yield _stack_readable(run), run
+                run = []
+            shape = item.tensor.shape
+        run.append(item)
+    if run:
+        yield _stack_readable(run), run
 
 
 def _stack_readable(run: list[LoadedImage]) -> torch.Tensor | None:

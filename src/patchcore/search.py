@@ -54,6 +54,8 @@ class NearestNeighbourIndex:
     def search(self, queries: torch.Tensor, k: int = 1, exclude: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``k`` nearest bank entries of each query: (distances, indices), both (Q, k), nearest first.
 
+        Each distance depends on its query and bank entry only, never on the other queries.
+
         ``exclude`` = (start, stop) leaves the bank entries start..stop-1 out, exactly: how a
         training image is scored against the bank without its own entries (leave-one-image-out).
         Indices still count in the whole bank.
@@ -72,8 +74,21 @@ class NearestNeighbourIndex:
                 indices = torch.where(missing, indices[:, :1], indices)
         else:
             squared, indices = matmul_search(self.bank, self._squared_norms, queries, min(k, len(self)), self._chunk_rows())
-        # The |q|^2 - 2 q.b + |b|^2 expansion can round slightly below zero.
-        return squared.clamp_(min=0).sqrt_(), indices.long()
+        return self._exact_distances(queries, indices.long())
+
+    def _exact_distances(self, queries: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Distances to the entries found, computed again as ||q - b||, nearest first.
+
+        The searches rank by |q|^2 - 2 q.b + |b|^2, whose float32 rounding depends on how the
+        matrix product is blocked, and so on how many queries came together: an image's score
+        would change in the fifth digit with the images batched beside it. Taken directly from
+        the difference, each distance depends on its query and entry alone (and is more exact).
+        """
+        distances = torch.linalg.vector_norm(self.bank[indices] - queries[:, None, :], dim=2)
+        if indices.shape[1] > 1:
+            distances, order = distances.sort(dim=1, stable=True)
+            indices = torch.gather(indices, 1, order)
+        return distances, indices
 
     def _search_excluding(self, queries: torch.Tensor, k: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact search in the bank without entries start..stop-1 (squared distances)."""

@@ -76,7 +76,9 @@ def read_model(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
             if METADATA_KEY not in metadata:
                 raise ModelFileError(f"'{path}': not a patchcore model (a safetensors file without patchcore settings)")
             settings = json.loads(metadata[METADATA_KEY])
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+            # Copied out of the file's memory map: a tensor left backed by the file would crash the
+            # process (SIGBUS) if the file were later overwritten in place, e.g. by cp, under a server.
+            tensors = {name: handle.get_tensor(name).clone() for name in handle.keys()}
     except ModelFileError:
         raise
     except json.JSONDecodeError as error:

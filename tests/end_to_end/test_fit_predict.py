@@ -125,7 +125,7 @@ def test_predict_command_reports_bad_files_and_scores_the_rest(model_file, welds
     assert sorted(failed) == ["cut.png", "notes.txt"]
     assert "not a readable image" in failed["notes.txt"] and "not a readable image" in failed["cut.png"]
     for record in scored:
-        assert set(record) == {"path", "score", "normalized_score", "is_anomalous", "picture"}
+        assert set(record) == {"path", "score", "normalized_score", "is_anomalous", "threshold", "image_size", "regions", "picture"}
         width, height = Image.open(good[0]).size
         picture = Image.open(record["picture"])
         assert picture.size == (width, height + 24)  # the overlay at the image's size, with a caption band

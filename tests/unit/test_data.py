@@ -210,7 +210,7 @@ def test_read_folder_is_no_such_file(tmp_path: Path) -> None:
 def test_read_text_file_named_png(tmp_path: Path) -> None:
     path = tmp_path / "notes.png"
     path.write_text("this is not an image\n")
-    message = f"'{path}': not a readable image (cannot identify image file '{path}')"
+    message = f"'{path}': not a readable image (not in any image format)"
     with pytest.raises(BadInputError, match=exact(message)):
         read_image(path)
 
@@ -429,7 +429,7 @@ def test_load_batches_order_errors_and_sizes(tmp_path: Path) -> None:
     items = [item for batch in batches for item in batch]
     assert [item.path for item in items] == paths
     assert items[3].tensor is None
-    assert items[3].error == f"'{bad}': not a readable image (cannot identify image file '{bad}')"
+    assert items[3].error == f"'{bad}': not a readable image (not in any image format)"
     for i, item in enumerate(items):
         if i == 3:
             continue

@@ -278,3 +278,21 @@ def test_a_setting_cannot_replace_the_format_version(tmp_path: Path) -> None:
     path = write_model(tmp_path / "m.safetensors", {"a": torch.ones(2)}, {"format_version": 7, "tensors_sha256": "x"})
     _, settings = read_model(path)
     assert settings["format_version"] == FORMAT_VERSION
+
+
+def test_loaded_tensors_survive_the_file_being_overwritten_in_place(tmp_path: Path) -> None:
+    """A server keeps its model while the file is replaced by ``cp`` (same inode, truncated first).
+    Run in a child process: tensors still backed by the file's memory map die there of SIGBUS."""
+    import subprocess
+    import sys
+
+    path = write_model(tmp_path / "m.safetensors", {"memory_bank": torch.arange(300_000, dtype=torch.float32)}, {"backbone": "x"})
+    script = (
+        "import sys; from patchcore.storage import read_model\n"
+        "tensors, _ = read_model(sys.argv[1])\n"
+        "open(sys.argv[1], 'wb').write(b'overwritten')\n"
+        "print(float(tensors['memory_bank'].double().sum()))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr}"
+    assert float(done.stdout) == float(torch.arange(300_000, dtype=torch.float64).sum())
