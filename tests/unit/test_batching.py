@@ -122,3 +122,29 @@ def test_a_failing_batch_fails_its_items_and_the_worker_carries_on():
 def test_settings_are_checked():
     with pytest.raises(ValueError, match=r"^need max_batch >= 1, max_queue >= 1 and max_wait >= 0, got 0, 4, 0.01$"):
         MicroBatcher(Recorder(), max_batch=0, max_wait=0.01, max_queue=4)
+
+
+def test_exclusive_work_runs_on_the_scoring_thread_between_batches():
+    gate = threading.Event()
+    recorder = Recorder(gate)
+    events: list[str] = []
+
+    def build() -> str:
+        events.append(f"built after {len(recorder.batches)} batches")
+        return threading.current_thread().name
+
+    async def main():
+        batcher = MicroBatcher(recorder, max_batch=1, max_wait=0.0, max_queue=8)
+        batcher.start()
+        first = batcher.submit([1])
+        await asyncio.sleep(0.05)  # [1] is held at the gate, on the scoring thread
+        building = asyncio.ensure_future(batcher.run_exclusive(build))
+        await asyncio.sleep(0.05)
+        assert events == []  # it waits for the batch being scored
+        gate.set()
+        thread = await building
+        await asyncio.gather(*first)
+        await batcher.stop()
+        return thread
+
+    assert run(main()).startswith("patchcore-score") and events == ["built after 1 batches"]

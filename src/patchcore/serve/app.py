@@ -68,8 +68,8 @@ class ServedModel:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-def load_served_model(path: str | Path, device: str = "auto", batch_size: int = 8) -> ServedModel:
-    """Load a model file and score one blank image through it, so that the first request is not slow."""
+def file_sha256(path: str | Path) -> str:
+    """The model file's SHA-256, which clients see as the model's version."""
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"'{path}': no such model file")
@@ -77,12 +77,23 @@ def load_served_model(path: str | Path, device: str = "auto", batch_size: int = 
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
+    return digest.hexdigest()
+
+
+def load_served_model(path: str | Path, device: str = "auto", batch_size: int = 8, sha256: str | None = None) -> ServedModel:
+    """Load a model file and score one blank image through it, so that the first request is not slow.
+
+    Building the model traces the backbone with torch.fx, which patches torch globally for a
+    moment: the server runs this on its scoring thread, never beside a batch being scored.
+    """
+    path = Path(path)
+    sha256 = sha256 or file_sha256(path)
     model = PatchCore.load(path, device=device, batch_size=batch_size, progress=False)
     side = model.layout_.image_size
     blank = prepare_image("warm-up", np.full((side, side, 3), 128, dtype=np.uint8), model.layout_)
     for prediction in model.predict_loaded([blank]):
         prediction.to_record()
-    served = ServedModel(model, path, digest.hexdigest(), datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    served = ServedModel(model, path, sha256, datetime.now(timezone.utc).isoformat(timespec="seconds"))
     served.metadata = _describe(served)
     return served
 
@@ -175,7 +186,8 @@ def create_app(
         """Load the file again; on any failure keep serving the model there is."""
         async with reload_lock:
             try:
-                served = await run_in_threadpool(load_served_model, model_path, device, max_batch)
+                sha256 = await run_in_threadpool(file_sha256, model_path)  # a missing file fails here, scoring undisturbed
+                served = await state.batcher.run_exclusive(load_served_model, model_path, device, max_batch, sha256)
             except (ModelFileError, WeightsError, BadInputError, OSError, ValueError, RuntimeError) as error:
                 metrics.reloads.labels("failed").inc()
                 message = str(error).splitlines()[0] if str(error) else type(error).__name__

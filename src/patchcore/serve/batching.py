@@ -73,6 +73,11 @@ class MicroBatcher(Generic[Item, Result]):
             job.done.cancel()
         self._thread.shutdown(wait=True)
 
+    async def run_exclusive(self, work: Callable[..., Result], *args) -> Result:
+        """Run ``work(*args)`` on the scoring thread, between batches: for work that must never
+        overlap scoring, such as building a model (torch.fx tracing patches torch globally)."""
+        return await asyncio.get_running_loop().run_in_executor(self._thread, work, *args)
+
     def submit(self, items: Sequence[Item]) -> list[asyncio.Future]:
         """Queue all of a request's items or none of them (:class:`QueueFullError`)."""
         if len(self._waiting) + len(items) > self.max_queue:
