@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--no-pictures", action="store_true", help="skip the heat-map pictures")
     _add_run_options(predict)
 
+    export = commands.add_parser("export", help="export a model to ONNX or OpenVINO: one graph from images to scores and maps")
+    export.add_argument("model", help="model file")
+    export.add_argument("--format", choices=["onnx", "openvino"], default="onnx", help="(default: %(default)s)")
+    export.add_argument("--out", required=True, metavar="PATH", help="file to write: MODEL.onnx, or MODEL.xml (+ .bin and .json) for OpenVINO")
+
     serve = commands.add_parser("serve", help="serve a model over HTTP: scoring, health, metrics, reload, and an inspection page at /")
     serve.add_argument("model", help="model file")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every interface (default: %(default)s)")
@@ -222,6 +227,8 @@ def run(args: argparse.Namespace) -> int:
         return _predict(args)
     elif args.command == "serve":
         return _serve(args)
+    elif args.command == "export":
+        return _export(args)
     elif args.command == "benchmark":
         from .benchmark import run_benchmark
 
@@ -254,6 +261,23 @@ def _split_weights(item: str) -> tuple[str, str]:
     if not separator or name not in BACKBONES:
         raise ValueError(f"--weights takes NAME=FILE with NAME one of {', '.join(sorted(BACKBONES))}, got {item!r}")
     return name, file
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .model import PatchCore
+
+    try:
+        from .export import export_model
+    except ImportError as error:
+        raise BadInputError(f"export needs the exporters' packages ({error.name} is missing): pip install 'patchcore[export]'") from None
+    model = PatchCore.load(args.model, device="cpu", progress=False)
+    started = time.perf_counter()
+    path = export_model(model, args.out, args.format)
+    written = [path] + ([path.with_suffix(".bin"), path.with_suffix(".json")] if args.format == "openvino" else [])
+    written += [p for p in [path.with_name(path.name + ".data")] if args.format == "onnx" and p.exists()]
+    size = sum(p.stat().st_size for p in written)
+    _log(f"exported {args.model} to {args.format} in {time.perf_counter() - started:.1f} s: {', '.join(map(str, written))} ({size / 1e6:.1f} MB)")
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
