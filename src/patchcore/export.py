@@ -6,8 +6,7 @@ and anomaly maps out, computed as the library computes them.
       -> nearest bank entry per patch: |q|^2 - 2 q.b + |b|^2, its minimum taken block by block
          over the bank, so that memory is bounded by (patches x block), never patches x bank x D;
          the distance to the entry found is then taken directly as ||q - b||  (search.py)
-      -> eq. 7 with N_b(m*) read from a table of each bank entry's neighbours, computed at export
-         by the library's own search                          (search.py)
+      -> eq. 7, N_b(m*) found by one more search of the bank for each image's m*  (search.py)
       -> the map: one matrix per axis, upsample and blur together  (maps.py)
 
 The thresholds, the normalisation, the input settings and the versions are not in the graph:
@@ -56,11 +55,7 @@ class ScoringGraph(nn.Module):
         bank = model.memory_bank_.detach().float().cpu()
         self.register_buffer("bank", bank)
         self.register_buffer("bank_squared_norms", bank.square().sum(dim=1))
-        self.num_neighbors = model.num_neighbors
-        if self.num_neighbors > 1:
-            # N_b(m*) for every possible m*, by the library's search, so the graph only looks it up
-            _, table = model.index_.search(bank.to(model.index_.device), model.num_neighbors)
-            self.register_buffer("neighbourhoods", table.cpu().long())
+        self.num_neighbors = min(model.num_neighbors, bank.shape[0])
         self.register_buffer("map_rows", map_matrix(grid[0], self.input_hw[0], BLUR_SIGMA))
         self.register_buffer("map_cols", map_matrix(grid[1], self.input_hw[1], BLUR_SIGMA))
         self.block = max(256, BLOCK_ELEMENTS_PER_IMAGE // (grid[0] * grid[1]))
@@ -76,12 +71,18 @@ class ScoringGraph(nn.Module):
         if self.num_neighbors > 1:  # eq. 7
             nearest_of_worst = torch.gather(nearest.reshape(size, height * width), 1, worst[:, None])[:, 0]
             worst_features = torch.gather(features.reshape(size, height * width, dims), 1, worst[:, None, None].expand(size, 1, dims))
-            neighbours = self.bank[self.neighbourhoods[nearest_of_worst]]  # (B, k, D)
+            neighbours = self.bank[self._neighbourhoods(self.bank[nearest_of_worst])]  # (B, k, D)
             distances = torch.linalg.vector_norm(neighbours - worst_features, dim=2)
             weights = 1.0 - torch.exp(top_scores - torch.logsumexp(distances, dim=1))
             scores = weights * top_scores
         maps = self.map_rows @ patch_scores.reshape(size, height, width) @ self.map_cols.T
         return scores, maps
+
+    def _neighbourhoods(self, centres: torch.Tensor) -> torch.Tensor:
+        """N_b(m*): the ``num_neighbors`` bank entries nearest to each of the B entries m* (itself
+        included), one search of B rows, so that no table of every entry's neighbours is needed."""
+        squared = centres.square().sum(dim=1, keepdim=True) - 2.0 * centres @ self.bank.T + self.bank_squared_norms
+        return torch.topk(squared, self.num_neighbors, dim=1, largest=False).indices
 
     def _nearest(self, queries: torch.Tensor) -> torch.Tensor:
         """Index of each query's nearest bank entry; the bank is scanned in blocks, the running
