@@ -6,15 +6,35 @@ Detection", CVPR 2022). The public face::
     from patchcore import PatchCore
     model = PatchCore("mobilenet_v2").fit(good_image_paths)
     predictions = model.predict(new_image_paths)
+
+The names that need PyTorch are imported on first use, so that ``patchcore.runtime`` (scoring
+an exported model) works where PyTorch is not installed.
 """
+
+from typing import Any
 
 __version__ = "0.1.0"
 
-from .backbones import BACKBONES, WeightsError  # noqa: E402
 from .data import BadInputError  # noqa: E402
-from .model import PatchCore, Prediction  # noqa: E402
-from .storage import ModelFileError  # noqa: E402
 
-load = PatchCore.load
+_LAZY = {
+    "PatchCore": ("model", "PatchCore"),
+    "Prediction": ("model", "Prediction"),
+    "load": ("model", "PatchCore"),
+    "BACKBONES": ("backbones", "BACKBONES"),
+    "WeightsError": ("backbones", "WeightsError"),
+    "ModelFileError": ("storage", "ModelFileError"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'patchcore' has no attribute {name!r}")
+    from importlib import import_module
+
+    module, attribute = _LAZY[name]
+    value = getattr(import_module(f".{module}", __name__), attribute)
+    return value.load if name == "load" else value
+
 
 __all__ = ["PatchCore", "Prediction", "load", "BACKBONES", "BadInputError", "ModelFileError", "WeightsError", "__version__"]

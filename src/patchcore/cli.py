@@ -241,10 +241,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace):
-    """The model of ``test`` and ``predict``, its cut moved to ``--false-alarm-rate`` when given."""
-    from .model import PatchCore
+    """The model of ``test`` and ``predict``, its cut moved to ``--false-alarm-rate`` when given.
+    ``predict`` on an exported file (.onnx, or OpenVINO's .xml) scores it with the runtime."""
+    if args.command == "predict" and Path(args.model).suffix in (".onnx", ".xml"):
+        from .runtime import ExportedModel
 
-    model = PatchCore.load(args.model, device=args.device, batch_size=args.batch_size, index=args.index, progress=not args.quiet)
+        model = ExportedModel(args.model, batch_size=args.batch_size)
+    else:
+        from .model import PatchCore
+
+        model = PatchCore.load(args.model, device=args.device, batch_size=args.batch_size, index=args.index, progress=not args.quiet)
     if args.false_alarm_rate is not None:
         if not 0 < args.false_alarm_rate < 1:
             raise ValueError(f"false-alarm rate must be between 0 and 1 (e.g. 0.05 for 5%), got {args.false_alarm_rate}")

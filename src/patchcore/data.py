@@ -12,13 +12,15 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
 from .layout import InputLayout
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm"})
 #: EXIF orientations that turn the picture by 90 degrees (width and height swap)
@@ -232,28 +234,32 @@ class LoadedImage:
     """An image decoded and prepared for the backbone, or the error that stopped it."""
 
     path: Path
-    tensor: torch.Tensor | None = None
+    tensor: torch.Tensor | np.ndarray | None = None  # an array for the exported-model runtime
     original_hw: tuple[int, int] = (0, 0)
     rgb: np.ndarray | None = None  # kept only when asked (for pictures)
     error: str | None = None
 
 
-def _load(path: Path, layout: InputLayout, keep_rgb: bool) -> LoadedImage:
+def _load(path: Path, layout: InputLayout, keep_rgb: bool, as_array: bool) -> LoadedImage:
     try:
         rgb = read_image(path)
     except BadInputError as error:
         return LoadedImage(path, error=str(error))
-    return prepare_image(path, rgb, layout, keep_rgb)
+    return prepare_image(path, rgb, layout, keep_rgb, as_array)
 
 
-def prepare_image(name: str | Path, rgb: np.ndarray, layout: InputLayout, keep_rgb: bool = False) -> LoadedImage:
-    """A decoded image made ready for the backbone, or its error if its size cannot be used."""
+def prepare_image(name: str | Path, rgb: np.ndarray, layout: InputLayout, keep_rgb: bool = False, as_array: bool = False) -> LoadedImage:
+    """A decoded image made ready for the backbone, or its error if its size cannot be used.
+    ``as_array``: the input as a numpy array rather than a tensor (the exported-model runtime)."""
     if (problem := layout.check_size(rgb.shape[:2])) is not None:
         return LoadedImage(Path(name), error=f"'{name}': {problem}")
-    return LoadedImage(Path(name), layout.image_to_tensor(rgb), rgb.shape[:2], rgb if keep_rgb else None)
+    prepared = layout.image_to_array(rgb) if as_array else layout.image_to_tensor(rgb)
+    return LoadedImage(Path(name), prepared, rgb.shape[:2], rgb if keep_rgb else None)
 
 
-def load_batches(paths: Sequence[Path], layout: InputLayout, batch_size: int, keep_rgb: bool = False, workers: int = 2) -> Iterator[list[LoadedImage]]:
+def load_batches(
+    paths: Sequence[Path], layout: InputLayout, batch_size: int, keep_rgb: bool = False, workers: int = 2, as_array: bool = False
+) -> Iterator[list[LoadedImage]]:
     """Decode images on worker threads (PIL releases the GIL) while the caller computes on the last batch.
 
     Every path comes back exactly once, in order, with either a tensor or an error. At most two
@@ -268,7 +274,7 @@ def load_batches(paths: Sequence[Path], layout: InputLayout, batch_size: int, ke
         batch: list[LoadedImage] = []
         while True:
             while len(pending) < look_ahead and (path := next(remaining, None)) is not None:
-                pending.append(pool.submit(_load, path, layout, keep_rgb))
+                pending.append(pool.submit(_load, path, layout, keep_rgb, as_array))
             if not pending:
                 break
             batch.append(pending.popleft().result())

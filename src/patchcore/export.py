@@ -30,18 +30,13 @@ from torch import nn
 from . import __version__
 from .maps import BLUR_SIGMA, map_matrix
 from .model import PatchCore
+from .runtime import EXPORT_FORMAT_VERSION, METADATA_KEY, OPENVINO_COMPILE_CONFIG
 
-#: version of the exported files' metadata, checked by the runtime
-EXPORT_FORMAT_VERSION = 1
-#: the metadata key holding the settings (JSON)
-METADATA_KEY = "patchcore"
 #: distances computed at once per image, per bank block: bounds the graph's working memory
 BLOCK_ELEMENTS_PER_IMAGE = 1 << 22
 #: a single protobuf holds at most 2 GB; larger graphs keep their weights in a file beside
 PROTOBUF_LIMIT_BYTES = 2**31 - 1
 EXPORT_FORMATS = ("onnx", "openvino")
-#: how an exported OpenVINO model must be compiled to compute in float32, as the library does
-OPENVINO_COMPILE_CONFIG = {"INFERENCE_PRECISION_HINT": "f32"}
 
 
 class ScoringGraph(nn.Module):

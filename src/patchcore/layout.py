@@ -24,10 +24,13 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Sequence
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: the exported-model runtime has none
+    import torch
 
 INPUT_MODES = ("square", "aspect", "tile")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -125,17 +128,24 @@ class InputLayout:
             )
         return None
 
-    def image_to_tensor(self, rgb: np.ndarray) -> torch.Tensor:
-        """RGB ``uint8`` (H, W, 3) to the normalised float input (3, h, w)."""
+    def image_to_array(self, rgb: np.ndarray) -> np.ndarray:
+        """RGB ``uint8`` (H, W, 3) to the normalised float32 input (3, h, w): Pillow's bilinear
+        resize, then / 255 and ImageNet's mean and standard deviation, in float32."""
         height, width = self.resized_hw(rgb.shape[:2])
         resized = Image.fromarray(rgb).resize((width, height), Image.Resampling.BILINEAR)
-        tensor = torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1).float().div_(255.0)
+        array = np.asarray(resized).transpose(2, 0, 1).astype(np.float32) / np.float32(255.0)
         if self.center_crop:
             start, stop = self._crop_box()
-            tensor = tensor[:, start:stop, start:stop]
-        mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-        return tensor.sub_(mean).div_(std)
+            array = array[:, start:stop, start:stop]
+        mean = np.array(IMAGENET_MEAN, dtype=np.float32).reshape(3, 1, 1)
+        std = np.array(IMAGENET_STD, dtype=np.float32).reshape(3, 1, 1)
+        return np.ascontiguousarray((array - mean) / std)
+
+    def image_to_tensor(self, rgb: np.ndarray) -> torch.Tensor:
+        """:meth:`image_to_array` as a tensor."""
+        import torch
+
+        return torch.from_numpy(self.image_to_array(rgb))
 
     def mask_to_input(self, mask: np.ndarray) -> np.ndarray:
         """A full-resolution mask brought to the input grid (nearest neighbour), as anomalib
@@ -165,6 +175,9 @@ class InputLayout:
 
         Outside a center crop the model saw nothing; those pixels get the map's minimum.
         """
+        import torch
+        import torch.nn.functional as F
+
         full = input_map
         if self.center_crop:
             full = torch.full((self.image_size, self.image_size), float(input_map.min()), dtype=input_map.dtype)

@@ -12,8 +12,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass, field
-from functools import cached_property
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -29,7 +28,7 @@ from .data import LoadedImage, image_size_hw, load_batches
 from .features import PatchFeatures
 from .layout import InputLayout
 from .maps import anomaly_maps
-from .regions import Region, find_regions, prediction_record
+from .regions import ImagePrediction
 from .search import INDEX_KINDS, NearestNeighbourIndex, reweighted_image_scores
 from .storage import read_model, write_model
 
@@ -44,40 +43,12 @@ ImageInput = Sequence[str | Path] | torch.Tensor
 
 
 @dataclass
-class Prediction:
-    """One image's result. ``error`` is set (and the rest empty) when the image could not be read."""
-
-    source: str
-    score: float = math.nan
-    normalized_score: float = math.nan  # 0 = a typical good image, 1 = the threshold
-    is_anomalous: bool = False
-    threshold: float = math.nan  # the image threshold the decision used (raw score units)
-    input_map: np.ndarray | None = None  # (h, w) anomaly map on the backbone's input grid
-    image_size: tuple[int, int] | None = None  # (H, W) of the image
-    image: np.ndarray | None = None  # RGB uint8, only when asked for (pictures)
-    error: str | None = None
-    layout: InputLayout | None = field(default=None, repr=False, compare=False)
-    calibration: Calibration | None = field(default=None, repr=False, compare=False)
-
-    @cached_property
-    def anomaly_map(self) -> np.ndarray | None:
-        """(H, W) float32 anomaly map at the image's own resolution, made on first use."""
-        return None if self.error is not None else self.map_at(self.image_size)
+class Prediction(ImagePrediction):
+    """One image's result from a PyTorch model; fields and records as :class:`ImagePrediction`."""
 
     def map_at(self, size_hw: tuple[int, int]) -> np.ndarray:
         """The anomaly map brought to any (H, W) over the whole image, e.g. a picture's size."""
         return self.layout.map_to_image(torch.from_numpy(self.input_map), size_hw).numpy()
-
-    @property
-    def regions(self) -> list[Region]:
-        """The defect regions: where the map is at or above the pixel threshold, highest peak first."""
-        return [] if self.error is not None else find_regions(self.anomaly_map, self.calibration)
-
-    def to_record(self) -> dict[str, Any]:
-        """The JSON record ``predict`` writes and the server answers (with ``error`` for an unreadable image)."""
-        if self.error is not None:
-            return {"path": self.source, "error": self.error}
-        return prediction_record(self.source, self.score, self.is_anomalous, self.threshold, self.anomaly_map, self.calibration)
 
 
 @dataclass

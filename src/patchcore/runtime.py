@@ -1,0 +1,156 @@
+"""Scoring an exported model (``patchcore export``) with ONNX Runtime or OpenVINO, and no PyTorch.
+
+The pre-processing (decode, Pillow's bilinear resize, ImageNet normalisation), the regions, the
+pictures and the JSON records are the library's own modules, which import no torch; the graph
+does the rest. Example::
+
+    from patchcore.runtime import ExportedModel
+    model = ExportedModel("bottle.onnx")            # or "bottle.xml" (OpenVINO IR + its .json)
+    for p in model.predict(["part_001.png"]):
+        print(p.score, p.is_anomalous, p.to_record()["regions"])
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import cv2
+import numpy as np
+
+from . import __version__
+from .calibrate import Calibration
+from .data import LoadedImage, load_batches
+from .layout import InputLayout
+from .regions import ImagePrediction
+
+#: version of the exported files' metadata this package writes and reads (and older)
+EXPORT_FORMAT_VERSION = 1
+#: the metadata key holding the settings (JSON)
+METADATA_KEY = "patchcore"
+#: how an exported OpenVINO model is compiled to compute in float32, as the library does
+OPENVINO_COMPILE_CONFIG = {"INFERENCE_PRECISION_HINT": "f32"}
+EXPORTED_SUFFIXES = (".onnx", ".xml")
+
+
+class ExportedModelError(ValueError):
+    """An exported model that cannot be used; the message names the file and says why."""
+
+
+@dataclass
+class ExportedPrediction(ImagePrediction):
+    """One image's result from an exported model; fields and records as the library's ``Prediction``."""
+
+    def map_at(self, size_hw: tuple[int, int]) -> np.ndarray:
+        """The map over the whole image at any (H, W), bilinearly (half-pixel centres, as the library)."""
+        full = self.input_map
+        if self.layout.center_crop:
+            full = np.full((self.layout.image_size,) * 2, self.input_map.min(), dtype=np.float32)
+            start = (self.layout.image_size - self.layout.center_crop) // 2
+            full[start : start + self.layout.center_crop, start : start + self.layout.center_crop] = self.input_map
+        if full.shape == tuple(size_hw):
+            return full
+        return cv2.resize(full, (size_hw[1], size_hw[0]), interpolation=cv2.INTER_LINEAR)
+
+
+class ExportedModel:
+    """An exported model, ready to score: ``.onnx`` through ONNX Runtime, ``.xml`` through OpenVINO."""
+
+    def __init__(self, path: str | Path, batch_size: int = 8) -> None:
+        self.path = Path(path)
+        self.batch_size = batch_size
+        if not self.path.is_file():
+            raise ExportedModelError(f"'{self.path}': no such exported model")
+        if self.path.suffix == ".onnx":
+            self.settings, self._run = _open_onnx(self.path)
+        elif self.path.suffix == ".xml":
+            self.settings, self._run = _open_openvino(self.path)
+        else:
+            raise ExportedModelError(f"'{self.path}': not an exported model (expected a .onnx file, or an OpenVINO .xml)")
+        version = self.settings.get("export_format_version")
+        if not isinstance(version, int):
+            raise ExportedModelError(f"'{self.path}': damaged export (its settings have no export format version)")
+        if version > EXPORT_FORMAT_VERSION:
+            raise ExportedModelError(
+                f"'{self.path}': exported by {self.settings.get('exported_by', 'a newer patchcore')} in export format {version}; "
+                f"this patchcore ({__version__}) reads export format {EXPORT_FORMAT_VERSION} and older: upgrade patchcore"
+            )
+        try:
+            self.layout_ = InputLayout.from_dict(self.settings["input"])
+            self.calibration_ = Calibration.from_dict(self.settings["calibration"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise ExportedModelError(f"'{self.path}': damaged export (settings inconsistent: {error})") from None
+
+    def score(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Image scores (B,) and maps (B, h, w) of normalised float32 images (B, 3, h, w)."""
+        scores, maps = self._run(np.ascontiguousarray(images, dtype=np.float32))
+        return np.asarray(scores), np.asarray(maps)
+
+    def predict(self, images: Sequence[str | Path], keep_images: bool = False, threshold: float | None = None) -> list[ExportedPrediction]:
+        return list(self.iter_predictions(images, keep_images, threshold))
+
+    def iter_predictions(self, images: Sequence[str | Path], keep_images: bool = False, threshold: float | None = None) -> Iterator[ExportedPrediction]:
+        """Score image files in order, one result each; unreadable ones come back with ``error``."""
+        cut = threshold if threshold is not None else self.calibration_.image_threshold
+        for loaded in load_batches([Path(p) for p in images], self.layout_, self.batch_size, keep_rgb=keep_images, as_array=True):
+            yield from self._predict_loaded(loaded, cut)
+
+    def _predict_loaded(self, loaded: list[LoadedImage], cut: float) -> Iterator[ExportedPrediction]:
+        readable = [item for item in loaded if item.error is None]
+        scores, maps = self.score(np.stack([item.tensor for item in readable])) if readable else (None, None)
+        position = 0
+        for item in loaded:
+            if item.error is not None:
+                yield ExportedPrediction(str(item.path), error=item.error)
+                continue
+            score = float(scores[position])
+            yield ExportedPrediction(
+                source=str(item.path), score=score, normalized_score=float(self.calibration_.normalize_scores(score)),
+                is_anomalous=score >= cut, threshold=cut, input_map=maps[position], image_size=item.original_hw,
+                image=item.rgb, layout=self.layout_, calibration=self.calibration_,
+            )
+            position += 1
+
+
+def _open_onnx(path: Path):
+    import onnxruntime
+
+    try:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as error:  # onnxruntime reports bad files as several types
+        raise ExportedModelError(f"'{path}': not an ONNX model, or damaged or truncated ({str(error).splitlines()[0][:200]})") from None
+    text = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+    if text is None:
+        raise ExportedModelError(f"'{path}': an ONNX model without patchcore settings (not written by patchcore export)")
+    return _parse_settings(path, text), lambda images: session.run(None, {"images": images})
+
+
+def _open_openvino(path: Path):
+    import openvino
+
+    beside = path.with_suffix(".json")
+    if not beside.is_file():
+        raise ExportedModelError(f"'{path}': no settings file '{beside.name}' beside it (patchcore export writes .xml, .bin and .json together)")
+    settings = _parse_settings(beside, beside.read_text())
+    try:
+        compiled = openvino.Core().compile_model(str(path), "CPU", settings.get("openvino_compile_config", OPENVINO_COMPILE_CONFIG))
+    except Exception as error:
+        raise ExportedModelError(f"'{path}': not an OpenVINO model, or damaged or truncated ({str(error).splitlines()[0][:200]})") from None
+
+    def run(images: np.ndarray):
+        outputs = compiled(images)
+        return outputs[0], outputs[1]
+
+    return settings, run
+
+
+def _parse_settings(path: Path, text: str) -> dict[str, Any]:
+    try:
+        settings = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ExportedModelError(f"'{path}': damaged export (settings are not valid JSON: {error})") from None
+    if not isinstance(settings, dict):
+        raise ExportedModelError(f"'{path}': damaged export (settings are not a JSON object)")
+    return settings

@@ -1,0 +1,114 @@
+"""The exported-model runtime: the library's results from an ONNX or OpenVINO file, without PyTorch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from patchcore import PatchCore
+from patchcore.cli import main
+from patchcore.runtime import EXPORT_FORMAT_VERSION, METADATA_KEY, ExportedModel, ExportedModelError
+
+IMAGES = ["broken_large/000.png", "broken_small/003.png", "contamination/001.png", "good/000.png", "good/001.png"]
+
+#: runs in a child process in which importing torch or torchvision fails, as where they are not installed
+NO_TORCH = '''
+import importlib.abc, json, sys
+
+class NoTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("torch", "torchvision"):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return None
+
+sys.meta_path.insert(0, NoTorch())
+from patchcore.runtime import ExportedModel
+
+model = ExportedModel(sys.argv[1])
+records = [p.to_record() for p in model.predict(sys.argv[2:])]
+assert not any(name.split(".")[0] in ("torch", "torchvision") for name in sys.modules)
+print(json.dumps(records))
+'''
+
+
+@pytest.fixture(scope="module")
+def exported(bottle_model_file, tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("runtime")
+    paths = {"onnx": folder / "bottle.onnx", "openvino": folder / "ov" / "bottle.xml"}
+    for fmt, path in paths.items():
+        assert main(["export", str(bottle_model_file), "--format", fmt, "--out", str(path)]) == 0
+    return paths
+
+
+@pytest.fixture(scope="module")
+def images(data_root) -> list[Path]:
+    return [data_root / "mvtec_ad" / "bottle" / "test" / name for name in IMAGES]
+
+
+@pytest.fixture(scope="module")
+def expected(bottle_model_file, images) -> list[dict]:
+    return [p.to_record() for p in PatchCore.load(bottle_model_file, device="cpu", progress=False).predict(images)]
+
+
+def assert_same_records(records: list[dict], expected: list[dict]) -> None:
+    assert len(records) == len(expected)
+    for record, reference in zip(records, expected):
+        assert record["path"] == reference["path"]
+        assert abs(record["score"] - reference["score"]) <= 1e-4 * reference["score"]
+        assert record["is_anomalous"] == reference["is_anomalous"] and record["threshold"] == reference["threshold"]
+        assert len(record["regions"]) == len(reference["regions"])
+        for region, other in zip(record["regions"], reference["regions"]):
+            assert np.abs(np.array(region["box"]) - np.array(other["box"])).max() <= 2
+            assert abs(region["area"] - other["area"]) <= 0.01 * other["area"]
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+def test_the_runtime_gives_the_librarys_records_where_torch_cannot_be_imported(fmt, exported, images, expected):
+    done = subprocess.run([sys.executable, "-c", NO_TORCH, str(exported[fmt]), *map(str, images)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    records = json.loads(done.stdout)
+    assert_same_records(records, expected)
+    assert [r["is_anomalous"] for r in records] == [True, True, True, False, False]
+
+
+def test_predict_on_an_exported_file_writes_the_same_lines(exported, images, expected, tmp_path):
+    assert main(["predict", str(exported["onnx"]), *map(str, images), str(tmp_path / "missing.png"), "--out", str(tmp_path), "--quiet"]) == 0
+    lines = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert lines[-1] == {"path": str(tmp_path / "missing.png"), "error": f"'{tmp_path / 'missing.png'}': no such file"}
+    assert_same_records(lines[:-1], expected)
+    assert all(Path(line["picture"]).is_file() for line in lines[:-1])
+
+
+def test_bad_exported_files_get_one_line_errors(exported, tmp_path):
+    foreign = tmp_path / "foreign.onnx"
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])], [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    onnx.save_model(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), foreign)
+    with pytest.raises(ExportedModelError, match=rf"^'{foreign}': an ONNX model without patchcore settings \(not written by patchcore export\)$"):
+        ExportedModel(foreign)
+
+    truncated = tmp_path / "cut.onnx"
+    truncated.write_bytes(exported["onnx"].read_bytes()[:100_000])
+    with pytest.raises(ExportedModelError, match=rf"^'{truncated}': not an ONNX model, or damaged or truncated \("):
+        ExportedModel(truncated)
+
+    newer = tmp_path / "newer.onnx"
+    proto = onnx.load_model(exported["onnx"])
+    settings = json.loads(proto.metadata_props[0].value)
+    settings.update(export_format_version=EXPORT_FORMAT_VERSION + 1, exported_by="patchcore 9.0.0")
+    onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(settings)})
+    onnx.save_model(proto, newer)
+    with pytest.raises(ExportedModelError, match=rf"^'{newer}': exported by patchcore 9.0.0 in export format {EXPORT_FORMAT_VERSION + 1}; "):
+        ExportedModel(newer)
+
+    lonely = tmp_path / "lonely.xml"
+    lonely.write_text(exported["openvino"].read_text())
+    with pytest.raises(ExportedModelError, match=rf"^'{lonely}': no settings file 'lonely.json' beside it "):
+        ExportedModel(lonely)
+    with pytest.raises(ExportedModelError, match=rf"^'{tmp_path / 'm.pt'}': no such exported model$"):
+        ExportedModel(tmp_path / "m.pt")
