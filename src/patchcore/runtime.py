@@ -65,8 +65,10 @@ class ExportedModel:
             raise ExportedModelError(f"'{self.path}': no such exported model")
         if self.path.suffix == ".onnx":
             self.settings, self._run = _open_onnx(self.path)
+            self.engine = "onnxruntime"
         elif self.path.suffix == ".xml":
             self.settings, self._run = _open_openvino(self.path)
+            self.engine = "openvino"
         else:
             raise ExportedModelError(f"'{self.path}': not an exported model (expected a .onnx file, or an OpenVINO .xml)")
         version = self.settings.get("export_format_version")
@@ -93,11 +95,12 @@ class ExportedModel:
 
     def iter_predictions(self, images: Sequence[str | Path], keep_images: bool = False, threshold: float | None = None) -> Iterator[ExportedPrediction]:
         """Score image files in order, one result each; unreadable ones come back with ``error``."""
-        cut = threshold if threshold is not None else self.calibration_.image_threshold
         for loaded in load_batches([Path(p) for p in images], self.layout_, self.batch_size, keep_rgb=keep_images, as_array=True):
-            yield from self._predict_loaded(loaded, cut)
+            yield from self.predict_loaded(loaded, threshold)
 
-    def _predict_loaded(self, loaded: list[LoadedImage], cut: float) -> Iterator[ExportedPrediction]:
+    def predict_loaded(self, loaded: Sequence[LoadedImage], threshold: float | None = None) -> Iterator[ExportedPrediction]:
+        """Score images already decoded and prepared as arrays (``data.prepare_image(..., as_array=True)``), in order."""
+        cut = threshold if threshold is not None else self.calibration_.image_threshold
         readable = [item for item in loaded if item.error is None]
         scores, maps = self.score(np.stack([item.tensor for item in readable])) if readable else (None, None)
         position = 0

@@ -112,3 +112,17 @@ def test_bad_exported_files_get_one_line_errors(exported, tmp_path):
         ExportedModel(lonely)
     with pytest.raises(ExportedModelError, match=rf"^'{tmp_path / 'm.pt'}': no such exported model$"):
         ExportedModel(tmp_path / "m.pt")
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+def test_the_server_serves_an_exported_model(fmt, exported, images, expected, start_server):
+    import httpx
+
+    running = start_server(exported[fmt])
+    meta = httpx.get(f"{running.url}/v2/models/bottle").json()
+    assert meta["platform"] == {"onnx": "patchcore-onnxruntime", "openvino": "patchcore-openvino"}[fmt]
+    assert meta["patchcore"]["memory_bank_shape"] == [21402, 128] and meta["patchcore"]["backbone"] == "mobilenet_v2"
+    files = [("file", (str(path), path.read_bytes(), "image/png")) for path in images]
+    reply = httpx.post(f"{running.url}/v2/models/bottle/predict", files=files, timeout=120)
+    assert reply.status_code == 200
+    assert_same_records(reply.json()["results"], expected)

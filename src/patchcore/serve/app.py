@@ -45,6 +45,7 @@ from ..backbones import WeightsError
 from ..data import BadInputError, DamagedImageError, ImageTooLargeError, LoadedImage, NotAnImageError, prepare_image, read_image_bytes
 from ..model import PatchCore, Prediction
 from ..render import predict_picture
+from ..runtime import EXPORTED_SUFFIXES, ExportedModel
 from ..storage import FORMAT_VERSION, ModelFileError
 from .batching import MicroBatcher, QueueFullError
 
@@ -81,16 +82,20 @@ def file_sha256(path: str | Path) -> str:
 
 
 def load_served_model(path: str | Path, device: str = "auto", batch_size: int = 8, sha256: str | None = None) -> ServedModel:
-    """Load a model file and score one blank image through it, so that the first request is not slow.
+    """Load a model file (``.safetensors``, or an exported ``.onnx`` / OpenVINO ``.xml``) and score one
+    blank image through it, so that the first request is not slow.
 
-    Building the model traces the backbone with torch.fx, which patches torch globally for a
-    moment: the server runs this on its scoring thread, never beside a batch being scored.
+    Building a PyTorch model traces the backbone with torch.fx, which patches torch globally for
+    a moment: the server runs this on its scoring thread, never beside a batch being scored.
     """
     path = Path(path)
     sha256 = sha256 or file_sha256(path)
-    model = PatchCore.load(path, device=device, batch_size=batch_size, progress=False)
+    if path.suffix in EXPORTED_SUFFIXES:
+        model = ExportedModel(path, batch_size=batch_size)
+    else:
+        model = PatchCore.load(path, device=device, batch_size=batch_size, progress=False)
     side = model.layout_.image_size
-    blank = prepare_image("warm-up", np.full((side, side, 3), 128, dtype=np.uint8), model.layout_)
+    blank = prepare_image("warm-up", np.full((side, side, 3), 128, dtype=np.uint8), model.layout_, as_array=_exported(model))
     for prediction in model.predict_loaded([blank]):
         prediction.to_record()
     served = ServedModel(model, path, sha256, datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -98,21 +103,27 @@ def load_served_model(path: str | Path, device: str = "auto", batch_size: int = 
     return served
 
 
+def _exported(model: PatchCore | ExportedModel) -> bool:
+    return isinstance(model, ExportedModel)
+
+
 def _describe(served: ServedModel) -> dict[str, Any]:
     model, calibration = served.model, served.model.calibration_
+    settings = model.settings if _exported(model) else model.settings()
     return {
         "package_version": __version__,
         "model_file": str(served.path),
         "file_sha256": served.sha256,
         "loaded_at": served.loaded_at,
-        "backbone": model.backbone,
-        "layers": list(model.layers),
+        "engine": model.engine if _exported(model) else "pytorch",
+        "backbone": settings["backbone"],
+        "layers": list(settings["layers"]),
         "input": {**model.layout_.to_dict(), "description": model.layout_.describe()},
-        "memory_bank_shape": list(model.memory_bank_.shape),
-        "num_fit_images": model.num_fit_images_,
-        "num_neighbors": model.num_neighbors,
-        "index": model.index,
-        "device": str(model.device),
+        "memory_bank_shape": list(settings["memory_bank_shape"]),
+        "num_fit_images": settings["num_fit_images"],
+        "num_neighbors": settings["num_neighbors"],
+        "index": "exact, in the exported graph" if _exported(model) else model.index,
+        "device": "cpu" if _exported(model) else str(model.device),
         "image_threshold": calibration.image_threshold,
         "pixel_threshold": calibration.pixel_threshold,
         "image_good_mean": calibration.image_good_mean,
@@ -281,7 +292,7 @@ def create_app(
         return JSONResponse({
             "name": model_name,
             "versions": [served.sha256[:12]],
-            "platform": "patchcore-pytorch",
+            "platform": f"patchcore-{served.metadata['engine']}",
             "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1], "parameters": {"content": "encoded image files (PNG, JPEG, BMP, TIFF, WebP)"}}],
             "outputs": [
                 {"name": "score", "datatype": "FP32", "shape": [-1]},
@@ -427,7 +438,7 @@ def _decode(name: str, data: bytes, served: ServedModel, keep_rgb: bool, max_pix
         return LoadedImage(Path(name), error=str(error)), 415
     except (DamagedImageError, BadInputError) as error:
         return LoadedImage(Path(name), error=str(error)), 422
-    loaded = prepare_image(name, rgb, served.model.layout_, keep_rgb)
+    loaded = prepare_image(name, rgb, served.model.layout_, keep_rgb, as_array=_exported(served.model))
     return loaded, 200 if loaded.error is None else 422
 
 
