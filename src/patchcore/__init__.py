@@ -15,15 +15,13 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-from .data import BadInputError  # noqa: E402
+from .errors import BadInputError, ModelFileError, WeightsError  # noqa: E402
 
 _LAZY = {
     "PatchCore": ("model", "PatchCore"),
     "Prediction": ("model", "Prediction"),
     "load": ("model", "PatchCore"),
     "BACKBONES": ("backbones", "BACKBONES"),
-    "WeightsError": ("backbones", "WeightsError"),
-    "ModelFileError": ("storage", "ModelFileError"),
 }
 
 

@@ -29,8 +29,7 @@ from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
 
-class WeightsError(RuntimeError):
-    """The backbone's pretrained weights could not be found or read."""
+from .errors import WeightsError  # noqa: E402  (defined apart, re-exported here)
 
 
 @dataclass(frozen=True)

@@ -12,16 +12,34 @@ from pathlib import Path
 from typing import Sequence
 
 from . import __version__
-from .backbones import BACKBONES, WeightsError
 from .calibrate import DEFAULT_FALSE_ALARM_RATE
-from .data import BadInputError, expand_paths, training_images
-from .storage import ModelFileError
+from .data import expand_paths, training_images
+from .errors import BadInputError, ModelFileError, WeightsError
+
+
+class _BackboneNames:
+    """The backbone names for argparse, read from backbones.py (which imports PyTorch) only when
+    a command uses them, so that ``predict`` on an exported model runs where PyTorch is absent."""
+
+    def _names(self) -> list[str]:
+        from .backbones import BACKBONES
+
+        return sorted(BACKBONES)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
+
+
+BACKBONE_NAMES = _BackboneNames()
 
 
 def _add_fit_options(parser: argparse.ArgumentParser, single_backbone: bool = True) -> None:
     group = parser.add_argument_group("model")
     if single_backbone:
-        group.add_argument("--backbone", default="wide_resnet50_2", choices=sorted(BACKBONES), help="pretrained CNN (default: %(default)s, as in the paper)")
+        group.add_argument("--backbone", default="wide_resnet50_2", choices=BACKBONE_NAMES, help="pretrained CNN (default: %(default)s, as in the paper)")
         group.add_argument("--layers", nargs="+", metavar="LAYER", help="layers to tap (default: the backbone's two mid-level stages)")
         group.add_argument("--weights", metavar="FILE", help="the backbone's ImageNet weights file (default: torchvision's cache, then download)")
     group.add_argument(
@@ -111,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("benchmark", help="fit and test every category under an MVTec AD root; write the seed's tables")
     bench.add_argument("root", help="MVTec AD root (a folder of category folders)")
-    bench.add_argument("--backbone", nargs="+", required=True, choices=sorted(BACKBONES), metavar="NAME", help=f"one or more of: {', '.join(sorted(BACKBONES))}")
+    bench.add_argument("--backbone", nargs="+", required=True, choices=BACKBONE_NAMES, metavar="NAME", help="one or more of: %(choices)s")
     bench.add_argument("--weights", nargs="+", default=[], metavar="NAME=FILE", help="weights file per backbone, e.g. resnet18=resnet18-f37072fd.pth")
     bench.add_argument("--out", required=True, metavar="DIR", help="folder for benchmark.md, benchmark.json and each run")
     bench.add_argument("--pictures", action="store_true", help="also write the per-image pictures")
@@ -264,8 +282,8 @@ def _load(args: argparse.Namespace):
 
 def _split_weights(item: str) -> tuple[str, str]:
     name, separator, file = item.partition("=")
-    if not separator or name not in BACKBONES:
-        raise ValueError(f"--weights takes NAME=FILE with NAME one of {', '.join(sorted(BACKBONES))}, got {item!r}")
+    if not separator or name not in BACKBONE_NAMES:
+        raise ValueError(f"--weights takes NAME=FILE with NAME one of {', '.join(BACKBONE_NAMES)}, got {item!r}")
     return name, file
 
 
@@ -352,6 +370,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("patchcore: interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as error:
+        if error.name is None or error.name.split(".")[0] not in ("torch", "torchvision"):
+            raise
+        print(f"patchcore: error: {args.command} needs PyTorch ({error}); this install can only predict with an exported model (.onnx, .xml)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -30,8 +30,7 @@ _QUARTER_TURNS = frozenset({5, 6, 7, 8})
 warnings.simplefilter("error", Image.DecompressionBombWarning)
 
 
-class BadInputError(ValueError):
-    """An input file or folder that cannot be used; the message names it and says why."""
+from .errors import BadInputError  # noqa: E402  (defined apart, re-exported here)
 
 
 class NotAnImageError(BadInputError):

@@ -22,8 +22,7 @@ FORMAT_VERSION = 2  # 2: input modes, leave-one-out calibration with its good sc
 METADATA_KEY = "patchcore"
 
 
-class ModelFileError(ValueError):
-    """A model file that cannot be loaded; the message names it and says why."""
+from .errors import ModelFileError  # noqa: E402  (defined apart, re-exported here)
 
 
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:

@@ -24,7 +24,7 @@ import importlib.abc, json, sys
 class NoTorch(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
         if name.split(".")[0] in ("torch", "torchvision"):
-            raise ModuleNotFoundError(f"No module named {name!r}")
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
         return None
 
 sys.meta_path.insert(0, NoTorch())
@@ -34,6 +34,16 @@ model = ExportedModel(sys.argv[1])
 records = [p.to_record() for p in model.predict(sys.argv[2:])]
 assert not any(name.split(".")[0] in ("torch", "torchvision") for name in sys.modules)
 print(json.dumps(records))
+'''
+
+
+#: the command line in a child process in which importing torch or torchvision fails
+NO_TORCH_COMMAND = NO_TORCH.split("from patchcore.runtime")[0] + '''
+from patchcore.cli import main
+
+code = main(sys.argv[1:])
+assert not any(name.split(".")[0] in ("torch", "torchvision") for name in sys.modules)
+sys.exit(code)
 '''
 
 
@@ -126,3 +136,15 @@ def test_the_server_serves_an_exported_model(fmt, exported, images, expected, st
     reply = httpx.post(f"{running.url}/v2/models/bottle/predict", files=files, timeout=120)
     assert reply.status_code == 200
     assert_same_records(reply.json()["results"], expected)
+
+
+def test_predict_on_an_exported_model_needs_no_torch_and_fit_says_it_does(exported, images, expected, tmp_path):
+    command = [sys.executable, "-c", NO_TORCH_COMMAND, "predict", str(exported["onnx"]), *map(str, images), "--out", str(tmp_path), "--quiet"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert_same_records([json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()], expected)
+    refused = subprocess.run([sys.executable, "-c", NO_TORCH_COMMAND, "fit", str(images[0].parent), "--out", str(tmp_path / "m.safetensors")], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2
+    assert refused.stderr.splitlines() == [
+        "patchcore: error: fit needs PyTorch (No module named 'torch'); this install can only predict with an exported model (.onnx, .xml)"
+    ]

@@ -1,0 +1,15 @@
+"""The errors every face of patchcore reports as one line (``patchcore: error: ...``), each naming
+the file and the cause. Here, apart from the modules that raise them, so that catching them needs
+no PyTorch (the exported-model runtime has none)."""
+
+
+class BadInputError(ValueError):
+    """An input file or folder that cannot be used; the message names it and says why."""
+
+
+class ModelFileError(ValueError):
+    """A model file that cannot be loaded; the message names it and says why."""
+
+
+class WeightsError(RuntimeError):
+    """The backbone's pretrained weights could not be found or read."""
