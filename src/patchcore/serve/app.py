@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import os
 import signal
 import sys
@@ -42,6 +41,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from .. import __version__
 from ..backbones import WeightsError
+from ..backbones import file_sha256 as backbone_file_sha256
 from ..data import BadInputError, DamagedImageError, ImageTooLargeError, LoadedImage, NotAnImageError, prepare_image, read_image_bytes
 from ..model import PatchCore, Prediction
 from ..render import predict_picture
@@ -74,11 +74,7 @@ def file_sha256(path: str | Path) -> str:
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"'{path}': no such model file")
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return backbone_file_sha256(path)
 
 
 def load_served_model(path: str | Path, device: str = "auto", batch_size: int = 8, sha256: str | None = None) -> ServedModel:
@@ -160,6 +156,10 @@ class _State:
     served: ServedModel | None = None
     load_error: str | None = None
     batcher: MicroBatcher | None = None
+
+
+def _not_ready_reason(state: _State) -> str:
+    return f"model failed to load: {state.load_error}" if state.load_error else "model is loading"
 
 
 def create_app(
@@ -259,8 +259,7 @@ def create_app(
         if requested != model_name:
             return _error(404, f"no model named '{requested}' here; this server serves '{model_name}'")
         if state.served is None:
-            reason = f"model failed to load: {state.load_error}" if state.load_error else "model is loading"
-            return _error(503, reason, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+            return _error(503, _not_ready_reason(state), headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
         return None
 
     @app.get("/", include_in_schema=False)
@@ -276,8 +275,7 @@ def create_app(
     @app.get("/v2/health/ready")
     async def ready() -> JSONResponse:
         if state.served is None:
-            reason = f"model failed to load: {state.load_error}" if state.load_error else "model is loading"
-            return JSONResponse({"ready": False, "reason": reason}, status_code=503)
+            return JSONResponse({"ready": False, "reason": _not_ready_reason(state)}, status_code=503)
         return JSONResponse({"ready": True})
 
     @app.get("/v2")
@@ -328,13 +326,12 @@ def create_app(
                 return uploads
             if len(uploads) > max_queue:  # could never fit, however long the client waited
                 return _error(413, f"request has {len(uploads)} images, more than the queue holds ({max_queue}, --max-queue); send fewer per request")
-            if state.batcher.depth + len(uploads) > max_queue:  # refuse before paying for the decoding
-                return _error(503, f"the queue is full ({state.batcher.depth} of {max_queue} images waiting); retry shortly", headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
             served = state.served
-            loaded = await asyncio.gather(*(run_in_threadpool(_decode, upload, data, served, picture, max_image_pixels) for upload, data in uploads))
-            readable = [item for item, _ in loaded if item.error is None]
             try:
-                waiting = state.batcher.submit([(served, item) for item in readable])
+                state.batcher.check_room(len(uploads))  # refuse before paying for the decoding
+                loaded = await asyncio.gather(*(run_in_threadpool(_decode, upload, data, served, picture, max_image_pixels) for upload, data in uploads))
+                readable = [item for item, _ in loaded if item.error is None]
+                waiting = state.batcher.submit([(served, item) for item in readable])  # others may have filled it meanwhile
             except QueueFullError as error:
                 return _error(503, str(error), headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
             scored = iter(await asyncio.gather(*waiting))

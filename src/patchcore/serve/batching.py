@@ -78,10 +78,14 @@ class MicroBatcher(Generic[Item, Result]):
         overlap scoring, such as building a model (torch.fx tracing patches torch globally)."""
         return await asyncio.get_running_loop().run_in_executor(self._thread, work, *args)
 
+    def check_room(self, count: int) -> None:
+        """Raise :class:`QueueFullError` unless ``count`` more items fit in the queue now."""
+        if len(self._waiting) + count > self.max_queue:
+            raise QueueFullError(f"the queue is full ({len(self._waiting)} of {self.max_queue} images waiting); retry shortly")
+
     def submit(self, items: Sequence[Item]) -> list[asyncio.Future]:
         """Queue all of a request's items or none of them (:class:`QueueFullError`)."""
-        if len(self._waiting) + len(items) > self.max_queue:
-            raise QueueFullError(f"the queue is full ({len(self._waiting)} of {self.max_queue} images waiting); retry shortly")
+        self.check_room(len(items))
         loop = asyncio.get_running_loop()
         jobs = [_Job(item, loop.create_future()) for item in items]
         self._waiting.extend(jobs)
