@@ -1,12 +1,12 @@
 """Exported models against the PyTorch model on MVTec AD bottle's 83 test images: scores, maps,
-decisions and metrics, and images/s of each engine on the same prepared batches.
+decisions and metrics, each engine scoring the same prepared batches (speed and memory:
+export_speed.py).
 
     .venv/bin/python benchmarks/export_parity.py [--model FILE] [--data ../shared/data] [--out benchmarks/results]
 
 Without ``--model`` a MobileNetV2 bottle model is fitted first. The model is exported with
 ``patchcore export`` to ONNX and to OpenVINO (into a temporary folder); the 83 images are decoded
-and prepared once, with the library's code, and scored in batches of 8, three rounds with the engines interleaved (each engine's fastest round
-is its speed), by PyTorch
+and prepared once, with the library's code, and scored in batches of 8 by PyTorch
 (``PatchCore.score``), ONNX Runtime and OpenVINO (compiled with the export's float32 setting). The
 maps on the input grid are brought to each mask's 900 x 900 grid the library's way for the pixel
 metrics. Writes export_parity.json and export_parity.md.
@@ -21,7 +21,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -33,15 +32,11 @@ from patchcore.metrics import image_auroc, pixel_auroc
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH = 8
-ROUNDS = 3
 
 
-def timed(run, batches) -> tuple[np.ndarray, np.ndarray, float]:
-    run(batches[0])  # warm-up
-    started = time.perf_counter()
+def score_all(run, batches) -> tuple[np.ndarray, np.ndarray]:
     outputs = [run(batch) for batch in batches]
-    elapsed = time.perf_counter() - started
-    return np.concatenate([o[0] for o in outputs]), np.concatenate([o[1] for o in outputs]), elapsed
+    return np.concatenate([o[0] for o in outputs]), np.concatenate([o[1] for o in outputs])
 
 
 def main() -> None:
@@ -84,19 +79,11 @@ def main() -> None:
     masks = [read_mask(s.mask_path, s.path, rgb.shape[:2]) for s, rgb in zip(samples, rgbs)]
     threshold = model.calibration_.image_threshold
     results: dict = {}
-    # Three rounds, the engines interleaved in each, and each engine's fastest round: the machine is
-    # shared, and a slow moment should not land on one engine only.
-    rounds: dict[str, list] = {name: [] for name in engines}
-    for _ in range(ROUNDS):
-        for name, run in engines.items():
-            rounds[name].append(timed(run, batches))
-    for name in engines:
-        scores, maps, _ = rounds[name][0]
-        seconds = min(r[2] for r in rounds[name])
+    for name, run in engines.items():
+        scores, maps = score_all(run, batches)
         full = [model.layout_.map_to_image(torch.from_numpy(m), rgb.shape[:2]).numpy() for m, rgb in zip(maps, rgbs)]
         results[name] = {
             "scores": scores, "maps": maps,
-            "images_per_second": len(samples) / seconds,
             "image_auroc": image_auroc(labels, scores),
             "pixel_auroc": pixel_auroc(masks, full),
             "decisions": scores >= threshold,
@@ -109,8 +96,6 @@ def main() -> None:
     }
     for name, result in results.items():
         summary["engines"][name] = {
-            "images_per_second": round(result["images_per_second"], 2),
-            "speed_vs_pytorch": round(result["images_per_second"] / reference["images_per_second"], 2),
             "image_auroc": round(result["image_auroc"], 6),
             "pixel_auroc": round(result["pixel_auroc"], 6),
             "max_relative_score_difference": float(np.max(np.abs(result["scores"] - reference["scores"]) / reference["scores"])),
@@ -128,14 +113,14 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "export_parity.json").write_text(json.dumps(summary, indent=2) + "\n")
     lines = [
-        f"Machine: {summary['machine']}. Model: MobileNetV2 on MVTec AD bottle; its {len(samples)} test images, batches of {BATCH}, decoded and prepared once by the library; speed: each engine's fastest of {ROUNDS} interleaved rounds.",
+        f"Machine: {summary['machine']}. Model: MobileNetV2 on MVTec AD bottle; its {len(samples)} test images, batches of {BATCH}, decoded and prepared once by the library.",
         "",
-        "| engine | images/s (vs PyTorch) | image AUROC | pixel AUROC | max relative score difference | max map difference (of the map's range) | decisions differing | parity checks |",
-        "|---|---|---|---|---|---|---|---|",
+        "| engine | image AUROC | pixel AUROC | max relative score difference | max map difference (of the map's range) | decisions differing | parity checks |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, e in summary["engines"].items():
         lines.append(
-            f"| {name} | {e['images_per_second']:.1f} ({e['speed_vs_pytorch']:.2f}x) | {e['image_auroc']:.3f} | {e['pixel_auroc']:.3f} | "
+            f"| {name} | {e['image_auroc']:.3f} | {e['pixel_auroc']:.3f} | "
             f"{e['max_relative_score_difference']:.1e} | {e['max_map_difference']:.1e} ({e['max_map_difference_of_range']:.1e}) | {e['decisions_differing']} | {'pass' if checks[name] else 'FAIL'} |"
         )
     (args.out / "export_parity.md").write_text("\n".join(lines) + "\n")

@@ -17,7 +17,6 @@ If all fail, one error says which file to put where.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
 
+from .data import file_sha256  # noqa: E402
 from .errors import WeightsError  # noqa: E402  (defined apart, re-exported here)
 
 
@@ -135,14 +135,6 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"weights file '{path}' is not a state dict of tensors")
     return state
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def build_feature_extractor(spec: BackboneSpec, layers: tuple[str, ...], network_state: dict[str, torch.Tensor] | None = None) -> nn.Module:

@@ -373,7 +373,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModuleNotFoundError as error:
         if error.name is None or error.name.split(".")[0] not in ("torch", "torchvision"):
             raise
-        print(f"patchcore: error: {args.command} needs PyTorch ({error}); this install can only predict with an exported model (.onnx, .xml)", file=sys.stderr)
+        print(
+            f"patchcore: error: {args.command} needs PyTorch ({error}): pip install 'patchcore[full]'; "
+            "this install can predict with and serve exported models (.onnx, .xml)",
+            file=sys.stderr,
+        )
         return 2
 
 

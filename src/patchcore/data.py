@@ -6,6 +6,7 @@ batch can report one bad image and carry on with the rest.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import warnings
 from collections import deque
@@ -282,3 +283,12 @@ def load_batches(
                 batch = []
         if batch:
             yield batch
+
+
+def file_sha256(path: str | Path) -> str:
+    """A file's SHA-256, read in 1 MB blocks (weights and model files run to gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

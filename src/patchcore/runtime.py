@@ -33,6 +33,8 @@ METADATA_KEY = "patchcore"
 #: how an exported OpenVINO model is compiled to compute in float32, as the library does
 OPENVINO_COMPILE_CONFIG = {"INFERENCE_PRECISION_HINT": "f32"}
 EXPORTED_SUFFIXES = (".onnx", ".xml")
+#: ONNX models up to this size (graph and external data) get ONNX Runtime's constant folding
+FOLD_CONSTANTS_UP_TO_BYTES = 256 * 2**20
 
 
 class ExportedModelError(ValueError):
@@ -118,10 +120,19 @@ class ExportedModel:
 
 
 def _open_onnx(path: Path):
-    import onnxruntime
-
     try:
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        import onnxruntime
+    except ImportError:
+        raise ExportedModelError(f"'{path}': scoring an ONNX model needs onnxruntime: pip install 'patchcore[runtime]'") from None
+
+    # ONNX Runtime's constant folding copies the whole bank for each block's slice of it at session
+    # start: 343 s for a 2.25 GB bank. Past this size the slices are taken per batch instead
+    # (load in 2 s; a batch costs one copy of the bank, small beside the search itself).
+    external = path.with_name(path.name + ".data")
+    size = path.stat().st_size + (external.stat().st_size if external.is_file() else 0)
+    options = {"disabled_optimizers": ["ConstantFolding"]} if size > FOLD_CONSTANTS_UP_TO_BYTES else {}
+    try:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"], **options)
     except Exception as error:  # onnxruntime reports bad files as several types
         raise ExportedModelError(f"'{path}': not an ONNX model, or damaged or truncated ({str(error).splitlines()[0][:200]})") from None
     text = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
@@ -131,7 +142,10 @@ def _open_onnx(path: Path):
 
 
 def _open_openvino(path: Path):
-    import openvino
+    try:
+        import openvino
+    except ImportError:
+        raise ExportedModelError(f"'{path}': scoring an OpenVINO model needs openvino: pip install 'patchcore[openvino]'") from None
 
     beside = path.with_suffix(".json")
     if not beside.is_file():

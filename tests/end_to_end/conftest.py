@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from pathlib import Path
 from typing import Iterator
 
@@ -24,8 +26,8 @@ def start_server(tmp_path) -> Iterator:
     """Starts ``patchcore serve MODEL OPTIONS...`` on a free port, ready; stops it after the test."""
     servers: list[RunningServer] = []
 
-    def start(model: Path, *options: str, wait: bool = True) -> RunningServer:
-        server = RunningServer(model, *options, log=tmp_path / f"server{len(servers)}.log")
+    def start(model: Path, *options: str, wait: bool = True, python: str | Path = sys.executable) -> RunningServer:
+        server = RunningServer(model, *options, log=tmp_path / f"server{len(servers)}.log", python=python)
         servers.append(server)
         if wait:
             server.wait_ready()

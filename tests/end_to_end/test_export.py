@@ -99,9 +99,55 @@ def test_export_errors_are_one_line(library, tmp_path, capsys, bottle_model_file
         export_model(library, tmp_path / "m.tflite", "tflite")
     tiles = PatchCore("mobilenet_v2", input_mode="aspect")
     tiles.layout_ = library.layout_.__class__("aspect", 256, scale=0.5)
-    with pytest.raises(ValueError, match=r"^export supports the square input mode only for now; this model uses 'aspect'$"):
+    with pytest.raises(ValueError, match=r"^export supports the square input mode only; this model uses 'aspect': score it with its \.safetensors file, or fit with --input-mode square to export$"):
         export_model(tiles, tmp_path / "m.onnx")
     damaged = tmp_path / "damaged.safetensors"
     damaged.write_bytes(b"\0" * 64)
     assert main(["export", str(damaged), "--out", str(tmp_path / "d.onnx")]) == 2
     assert capsys.readouterr().err.startswith(f"patchcore: error: '{damaged}': ")
+
+
+def test_weights_over_the_limit_go_to_external_data_beside_the_graph(library, subset, monkeypatch, tmp_path):
+    """The >2 GB branch on a small bank: the limit lowered, the same numbers from a .onnx + .data pair,
+    and a later export under the limit removes the stale .data."""
+    import patchcore.export
+
+    _, images, predictions = subset
+    path = tmp_path / "m.onnx"
+    monkeypatch.setattr(patchcore.export, "EXTERNAL_DATA_ABOVE_BYTES", 1_000_000)
+    export_model(library, path)
+    data = tmp_path / "m.onnx.data"
+    bank_bytes = library.memory_bank_.numel() * 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+    assert path.stat().st_size < 1_000_000 < bank_bytes < data.stat().st_size
+    scores, _, settings = onnx_run(path, images[:4])
+    expected = np.array([p.score for p in predictions[:4]])
+    assert np.max(np.abs(scores - expected) / expected) <= 1e-4 and settings["backbone"] == "mobilenet_v2"
+
+    monkeypatch.undo()
+    export_model(library, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"] and path.stat().st_size > bank_bytes
+
+
+@pytest.mark.parametrize("layout", ["queries", "bank"])
+def test_the_graphs_search_finds_the_float64_nearest_entries_even_far_from_the_origin(library, layout):
+    """Features far from the origin (|b|^2 ~ 1e7 here) make the ranking form's float32 rounding pick
+    wrong entries; the graph centres them on the bank's mean first. Both layouts, blocks included."""
+    import copy
+
+    from patchcore.export import ScoringGraph
+
+    generator = torch.Generator().manual_seed(0)
+    model = copy.copy(library)
+    bank = library.memory_bank_[:6000] + 300.0
+    model.memory_bank_ = bank
+    graph = ScoringGraph(model, layout)
+    graph.block = 1024  # several blocks and a ragged last one
+    queries = bank[torch.randint(0, 6000, (2000,), generator=generator)] + 0.05 * torch.randn(2000, bank.shape[1], generator=generator)
+    expected = torch.cdist(queries.double(), bank.double()).argmin(dim=1)
+    with torch.no_grad():
+        found = graph._nearest(queries - graph.centre)
+        assert torch.equal(found, expected)
+        assert torch.allclose(graph._entries(found) + graph.centre, bank[found], rtol=0, atol=1e-4)
+        neighbourhoods = graph._neighbourhoods(graph._entries(found[:5]))
+    assert torch.equal(neighbourhoods, torch.cdist(bank[found[:5]].double(), bank.double()).topk(graph.num_neighbors, largest=False).indices)

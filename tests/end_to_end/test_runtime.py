@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -146,5 +147,89 @@ def test_predict_on_an_exported_model_needs_no_torch_and_fit_says_it_does(export
     refused = subprocess.run([sys.executable, "-c", NO_TORCH_COMMAND, "fit", str(images[0].parent), "--out", str(tmp_path / "m.safetensors")], capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2
     assert refused.stderr.splitlines() == [
-        "patchcore: error: fit needs PyTorch (No module named 'torch'); this install can only predict with an exported model (.onnx, .xml)"
+        "patchcore: error: fit needs PyTorch (No module named 'torch'): pip install 'patchcore[full]'; "
+        "this install can predict with and serve exported models (.onnx, .xml)"
     ]
+
+
+def test_a_model_exported_by_another_package_version_is_accepted(exported, images, expected, tmp_path):
+    """The export format, not the package version, decides: same format, same numbers."""
+    other = tmp_path / "other.onnx"
+    proto = onnx.load_model(exported["onnx"])
+    settings = json.loads(proto.metadata_props[0].value)
+    settings.update(exported_by="patchcore 0.0.1")
+    onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(settings)})
+    onnx.save_model(proto, other)
+    assert_same_records([p.to_record() for p in ExportedModel(other).predict(images)], expected)
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def runtime_venv(tmp_path_factory) -> Path:
+    """A fresh venv with only ``pip install patchcore[runtime]`` (from a copy of this source, not
+    editable), so that no PyTorch, faiss or scikit-learn is there and a stray import would fail."""
+    folder = tmp_path_factory.mktemp("runtime_install")
+    source = folder / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    shutil.copytree(REPO / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    venv = folder / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "--disable-pip-version-check", "-q", "install"]
+    done = subprocess.run([*pip, f"{source}[runtime]"], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    return venv
+
+
+def test_an_install_of_patchcore_runtime_has_no_torch_and_predicts_the_librarys_records(runtime_venv, exported, images, expected, tmp_path):
+    python, patchcore = runtime_venv / "bin" / "python", runtime_venv / "bin" / "patchcore"
+    for absent in ("torch", "torchvision", "faiss", "sklearn", "openvino"):
+        probe = subprocess.run([str(python), "-c", f"import {absent}"], capture_output=True, text=True)
+        assert probe.returncode == 1 and f"No module named '{absent}'" in probe.stderr
+    done = subprocess.run([str(patchcore), "predict", str(exported["onnx"]), *map(str, images), "--out", str(tmp_path), "--quiet"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert_same_records(lines, expected)
+    assert all(Path(line["picture"]).is_file() for line in lines)
+
+    # What this install cannot do, it says in one line, with the install that can.
+    refused = subprocess.run([str(patchcore), "predict", str(exported["openvino"]), str(images[0]), "--out", str(tmp_path / "ov")], capture_output=True, text=True)
+    assert refused.returncode == 2
+    assert refused.stderr.splitlines() == [f"patchcore: error: '{exported['openvino']}': scoring an OpenVINO model needs openvino: pip install 'patchcore[openvino]'"]
+    refused = subprocess.run([str(patchcore), "fit", str(images[0].parent), "--out", str(tmp_path / "m.safetensors")], capture_output=True, text=True)
+    assert refused.returncode == 2
+    assert refused.stderr.splitlines() == [
+        "patchcore: error: fit needs PyTorch (No module named 'torch'): pip install 'patchcore[full]'; "
+        "this install can predict with and serve exported models (.onnx, .xml)"
+    ]
+
+
+def test_the_runtime_install_with_the_server_serves_an_exported_model(runtime_venv, exported, bottle_model_file, images, expected, start_server, tmp_path):
+    import httpx
+
+    done = subprocess.run([str(runtime_venv / "bin" / "python"), "-m", "pip", "--disable-pip-version-check", "-q", "install", "fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9", "prometheus-client>=0.20"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    running = start_server(exported["onnx"], python=runtime_venv / "bin" / "python")
+    files = [("file", (str(path), path.read_bytes(), "image/png")) for path in images]
+    reply = httpx.post(f"{running.url}/v2/models/bottle/predict", files=files, timeout=120)
+    assert reply.status_code == 200
+    assert_same_records(reply.json()["results"], expected)
+    # A .safetensors model cannot load there: the server exits with one line that says why.
+    refused = start_server(bottle_model_file, python=runtime_venv / "bin" / "python", wait=False)
+    assert refused.process.wait(timeout=60) == 2
+    assert refused.log.read_text().splitlines()[-1] == (
+        f"patchcore: error: '{bottle_model_file}': serving a .safetensors model needs PyTorch (No module named 'torch'): "
+        "pip install 'patchcore[full]', or serve a model exported with patchcore export (.onnx, .xml)"
+    )
+
+
+def test_a_large_onnx_model_is_scored_without_constant_folding_and_gives_the_same_records(exported, images, expected, monkeypatch):
+    """Past FOLD_CONSTANTS_UP_TO_BYTES the runtime turns ONNX Runtime's constant folding off (its
+    load time grows with bank x blocks); the slices it would have folded are then taken per batch."""
+    import patchcore.runtime
+
+    monkeypatch.setattr(patchcore.runtime, "FOLD_CONSTANTS_UP_TO_BYTES", 0)
+    assert_same_records([p.to_record() for p in ExportedModel(exported["onnx"]).predict(images)], expected)

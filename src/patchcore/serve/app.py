@@ -28,7 +28,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import cv2
 import numpy as np
@@ -40,14 +40,14 @@ from starlette.concurrency import run_in_threadpool
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from .. import __version__
-from ..backbones import WeightsError
-from ..backbones import file_sha256 as backbone_file_sha256
-from ..data import BadInputError, DamagedImageError, ImageTooLargeError, LoadedImage, NotAnImageError, prepare_image, read_image_bytes
-from ..model import PatchCore, Prediction
+from ..data import BadInputError, DamagedImageError, file_sha256 as digest_of_file, ImageTooLargeError, LoadedImage, NotAnImageError, prepare_image, read_image_bytes
 from ..render import predict_picture
-from ..runtime import EXPORTED_SUFFIXES, ExportedModel
-from ..storage import FORMAT_VERSION, ModelFileError
+from ..runtime import EXPORT_FORMAT_VERSION, EXPORTED_SUFFIXES, ExportedModel
+from ..errors import ModelFileError, WeightsError
 from .batching import MicroBatcher, QueueFullError
+
+if TYPE_CHECKING:  # PyTorch is imported only to serve a .safetensors model: an exported one needs none
+    from ..model import PatchCore, Prediction
 
 PAGE = Path(__file__).parent / "page"
 #: images larger than this many pixels are refused from their header (decompression bombs)
@@ -74,7 +74,7 @@ def file_sha256(path: str | Path) -> str:
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"'{path}': no such model file")
-    return backbone_file_sha256(path)
+    return digest_of_file(path)
 
 
 def load_served_model(path: str | Path, device: str = "auto", batch_size: int = 8, sha256: str | None = None) -> ServedModel:
@@ -89,6 +89,15 @@ def load_served_model(path: str | Path, device: str = "auto", batch_size: int = 
     if path.suffix in EXPORTED_SUFFIXES:
         model = ExportedModel(path, batch_size=batch_size)
     else:
+        try:
+            from ..model import PatchCore
+        except ModuleNotFoundError as error:
+            if (error.name or "").split(".")[0] not in ("torch", "torchvision"):
+                raise
+            raise ModelFileError(
+                f"'{path}': serving a .safetensors model needs PyTorch ({error}): pip install 'patchcore[full]', "
+                "or serve a model exported with patchcore export (.onnx, .xml)"
+            ) from None
         model = PatchCore.load(path, device=device, batch_size=batch_size, progress=False)
     side = model.layout_.image_size
     blank = prepare_image("warm-up", np.full((side, side, 3), 128, dtype=np.uint8), model.layout_, as_array=_exported(model))
@@ -97,6 +106,15 @@ def load_served_model(path: str | Path, device: str = "auto", batch_size: int = 
     served = ServedModel(model, path, sha256, datetime.now(timezone.utc).isoformat(timespec="seconds"))
     served.metadata = _describe(served)
     return served
+
+
+def _format_version(served: ServedModel) -> int:
+    """The newest model file format this server reads, for the kind of file it serves."""
+    if _exported(served.model):
+        return EXPORT_FORMAT_VERSION
+    from ..storage import FORMAT_VERSION
+
+    return FORMAT_VERSION
 
 
 def _exported(model: PatchCore | ExportedModel) -> bool:
@@ -300,7 +318,7 @@ def create_app(
             "patchcore": served.metadata,
             "server": {
                 "max_batch": max_batch, "max_wait_ms": max_wait_ms, "max_queue": max_queue,
-                "max_request_mb": max_request_mb, "max_image_pixels": max_image_pixels, "model_format_version": FORMAT_VERSION,
+                "max_request_mb": max_request_mb, "max_image_pixels": max_image_pixels, "model_format_version": _format_version(served),
             },
         })
 
