@@ -26,17 +26,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from export_speed import resident_mb  # this folder is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGES = ["good/000.png", "good/001.png", "broken_large/000.png", "contamination/001.png"]
-
-
-def peak_mb() -> float:
-    """This process's peak resident set (VmHWM), in MB (Linux)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def child(model_path: str, *images: str) -> None:
@@ -48,7 +41,7 @@ def child(model_path: str, *images: str) -> None:
     loaded = time.perf_counter() - started
     started = time.perf_counter()
     scores = [p.score for p in model.predict(images)]
-    print(json.dumps({"scores": scores, "load_seconds": loaded, "score_seconds": time.perf_counter() - started, "peak_mb": peak_mb()}))
+    print(json.dumps({"scores": scores, "load_seconds": loaded, "score_seconds": time.perf_counter() - started, "peak_mb": resident_mb("VmHWM")}))
 
 
 def main() -> None:
@@ -93,7 +86,7 @@ def main() -> None:
     started = time.perf_counter()
     export_model(model, out)
     export_seconds = time.perf_counter() - started
-    export_peak = peak_mb()
+    export_peak = resident_mb("VmHWM")
     files = {p.name: p.stat().st_size for p in sorted(scratch.glob("large.onnx*"))}
     print(f"exported in {export_seconds:.0f} s: {files}", flush=True)
 

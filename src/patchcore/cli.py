@@ -14,7 +14,7 @@ from typing import Sequence
 from . import __version__
 from .calibrate import DEFAULT_FALSE_ALARM_RATE
 from .data import expand_paths, training_images
-from .errors import BadInputError, ModelFileError, WeightsError
+from .errors import BadInputError, ModelFileError, WeightsError, is_missing_pytorch
 
 
 class _BackboneNames:
@@ -371,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("patchcore: interrupted", file=sys.stderr)
         return 130
     except ModuleNotFoundError as error:
-        if error.name is None or error.name.split(".")[0] not in ("torch", "torchvision"):
+        if not is_missing_pytorch(error):
             raise
         print(
             f"patchcore: error: {args.command} needs PyTorch ({error}): pip install 'patchcore[full]'; "

@@ -13,3 +13,9 @@ class ModelFileError(ValueError):
 
 class WeightsError(RuntimeError):
     """The backbone's pretrained weights could not be found or read."""
+
+
+def is_missing_pytorch(error: ModuleNotFoundError) -> bool:
+    """Whether an import failed for want of PyTorch (torch or torchvision): where only the
+    runtime is installed, the caller then says which install has it."""
+    return (error.name or "").split(".")[0] in ("torch", "torchvision")

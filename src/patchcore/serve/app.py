@@ -43,7 +43,7 @@ from .. import __version__
 from ..data import BadInputError, DamagedImageError, file_sha256 as digest_of_file, ImageTooLargeError, LoadedImage, NotAnImageError, prepare_image, read_image_bytes
 from ..render import predict_picture
 from ..runtime import EXPORT_FORMAT_VERSION, EXPORTED_SUFFIXES, ExportedModel
-from ..errors import ModelFileError, WeightsError
+from ..errors import ModelFileError, WeightsError, is_missing_pytorch
 from .batching import MicroBatcher, QueueFullError
 
 if TYPE_CHECKING:  # PyTorch is imported only to serve a .safetensors model: an exported one needs none
@@ -92,7 +92,7 @@ def load_served_model(path: str | Path, device: str = "auto", batch_size: int = 
         try:
             from ..model import PatchCore
         except ModuleNotFoundError as error:
-            if (error.name or "").split(".")[0] not in ("torch", "torchvision"):
+            if not is_missing_pytorch(error):
                 raise
             raise ModelFileError(
                 f"'{path}': serving a .safetensors model needs PyTorch ({error}): pip install 'patchcore[full]', "
