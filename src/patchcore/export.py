@@ -108,17 +108,21 @@ class ScoringGraph(nn.Module):
         rows = self.ranking.index_select(1, indices).T if self.layout == "queries" else self.ranking.index_select(0, indices)
         return rows[:, : self.dims] * -0.5
 
-    def _ranking(self, queries: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """|q - b|^2 - |q|^2 for the bank entries start:stop, as (queries, entries) or (entries, queries)."""
+    def _extended(self, queries: torch.Tensor) -> torch.Tensor:
+        """[q, 1] per query, laid out for :meth:`_ranking`: (N, D + 1), or (D + 1, N) for ``"bank"``."""
         extended = torch.cat([queries, torch.ones_like(queries[:, :1])], dim=1)
+        return extended if self.layout == "queries" else extended.T
+
+    def _ranking(self, extended: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """|q - b|^2 - |q|^2 for the bank entries start:stop, as (queries, entries) or (entries, queries)."""
         if self.layout == "queries":
             return extended @ self.ranking[:, start:stop]
-        return self.ranking[start:stop] @ extended.T
+        return self.ranking[start:stop] @ extended
 
     def _neighbourhoods(self, centres: torch.Tensor) -> torch.Tensor:
         """N_b(m*): the ``num_neighbors`` bank entries nearest to each of the B entries m* (itself
         included), (B, k), by one search of B rows, so that no table of every entry's neighbours is needed."""
-        ranking = self._ranking(centres, 0, self.bank_size)
+        ranking = self._ranking(self._extended(centres), 0, self.bank_size)
         if self.layout == "queries":
             return torch.topk(ranking, self.num_neighbors, dim=1, largest=False).indices
         return torch.topk(ranking, self.num_neighbors, dim=0, largest=False).indices.T
@@ -127,9 +131,10 @@ class ScoringGraph(nn.Module):
         """Index of each query's nearest bank entry; the bank is scanned in blocks, the running
         minimum kept (an earlier block wins ties, as a full scan would)."""
         axis = 1 if self.layout == "queries" else 0
+        extended = self._extended(queries)  # once, not per block
         best_value = best_index = None
         for start in range(0, self.bank_size, self.block):
-            ranking = self._ranking(queries, start, min(start + self.block, self.bank_size))
+            ranking = self._ranking(extended, start, min(start + self.block, self.bank_size))
             index = ranking.argmin(dim=axis, keepdim=True)
             value = torch.gather(ranking, axis, index).reshape(-1)
             index = index.reshape(-1) + start
