@@ -14,7 +14,7 @@ from typing import Sequence
 from . import __version__
 from .calibrate import DEFAULT_FALSE_ALARM_RATE
 from .data import expand_paths, training_images
-from .errors import BadInputError, ModelFileError, WeightsError, is_missing_pytorch
+from .errors import BadInputError, ClusterError, ModelFileError, WeightsError, is_missing_pytorch
 
 
 class _BackboneNames:
@@ -52,9 +52,18 @@ def _add_fit_options(parser: argparse.ArgumentParser, single_backbone: bool = Tr
     group.add_argument("--scale", type=float, help="aspect and tile modes: one resize factor for every image (aspect default: from --image-size; tile default: 1, native)")
     group.add_argument("--tile-size", type=int, default=256, help="tile mode: tile side in pixels after scaling (default: %(default)s)")
     group.add_argument("--tile-overlap", type=int, default=64, help="tile mode: least overlap of neighbouring tiles in pixels (default: %(default)s)")
-    group.add_argument("--coreset-ratio", type=float, default=0.1, help="share of patches kept in the memory bank (default: %(default)s)")
+    bank = group.add_mutually_exclusive_group()
+    bank.add_argument("--coreset-ratio", type=float, help="share of the training patches kept in the memory bank (default: 0.1, as the paper)")
+    bank.add_argument(
+        "--bank-size", type=int, metavar="ENTRIES",
+        help="keep this many patches in the memory bank instead of a share: model size and scoring time stay fixed and the fit time grows "
+        "linearly with the number of images (see the README for how to choose it)",
+    )
     group.add_argument("--neighbors", type=int, default=9, help="bank neighbours in the image-score re-weighting, eq. 7 (default: %(default)s)")
     group.add_argument("--seed", type=int, default=42, help="seed for the projection and the first coreset pick (default: %(default)s)")
+    parser.add_argument_group("fitting").add_argument(
+        "--temp-dir", metavar="DIR", help="folder for the training features while the fit runs, about 0.5 KB a patch with mobilenet_v2, 3 KB with wide_resnet50_2 (default: $TMPDIR or /tmp)"
+    )
     _add_rate_option(group, f"expected share of good images flagged; the threshold is set from the training images scored leave-one-out (default: {DEFAULT_FALSE_ALARM_RATE})")
 
 
@@ -68,6 +77,12 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch-size", type=int, default=8, help="images per backbone batch (default: %(default)s)")
     group.add_argument("--index", choices=["exact", "ivf"], help="nearest-neighbour search: exact (default at fit) or ivf, approximate and faster on large banks; test/predict default: the model's")
     group.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_ray_options(parser: argparse.ArgumentParser, ray_help: str, actors_help: str) -> None:
+    cluster = parser.add_argument_group("Ray (pip install 'patchcore[ray]')")
+    cluster.add_argument("--ray", nargs="?", const="", metavar="ADDRESS", help=ray_help)
+    cluster.add_argument("--ray-actors", type=int, metavar="N", help=actors_help)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_fit_options(fit)
     _add_run_options(fit)
+    _add_ray_options(
+        fit, "extract the features on Ray (the coreset is chosen here, from their 128-d projection): alone (or as --ray=), on a new local Ray instance; "
+        "with the address of a cluster's head (HOST:PORT), on that cluster. The model is the local fit's",
+        "feature actors (default: as many as the cluster holds, each with this machine's PyTorch threads)",
+    )
 
     test = commands.add_parser("test", help="score an MVTec-layout test set and write metrics, scores and pictures")
     test.add_argument("model", help="model file")
@@ -109,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_rate_option(decision, "cut at this false-alarm rate instead of the model's (from the good scores it stores)", None)
     predict.add_argument("--no-pictures", action="store_true", help="skip the heat-map pictures")
     _add_run_options(predict)
+    _add_ray_options(
+        predict, "score on Ray: alone (after the PATHs, or as --ray=), on a new local Ray instance; with the address of a cluster's head "
+        "(HOST:PORT), on that cluster. PATHs may then also be URIs Ray Data reads (s3://..., gs://...)",
+        "scoring actors, one model each (default: one per CPU of the cluster)",
+    )
 
     export = commands.add_parser("export", help="export a model to ONNX or OpenVINO: one graph from images to scores and maps")
     export.add_argument("model", help="model file")
@@ -147,12 +172,14 @@ def _model_options(args: argparse.Namespace) -> dict:
         "tile_size": args.tile_size,
         "tile_overlap": args.tile_overlap,
         "coreset_ratio": args.coreset_ratio,
+        "bank_size": args.bank_size,
         "num_neighbors": args.neighbors,
         "seed": args.seed,
         "false_alarm_rate": args.false_alarm_rate,
         "device": args.device,
         "batch_size": args.batch_size,
         "index": args.index or "exact",
+        "temp_dir": args.temp_dir,
         "progress": not args.quiet,
     }
 
@@ -167,14 +194,28 @@ def _fit(args: argparse.Namespace, out: Path):
     images = training_images(args.data)
     model = PatchCore(args.backbone, layers=args.layers, weights=args.weights, **_model_options(args))
     started = time.perf_counter()
-    model.fit(images)
+    if getattr(args, "ray", None) is not None:
+        from .distributed_fit import fit_on_ray
+
+        if args.ray_actors is not None and args.ray_actors < 1:
+            raise ValueError(f"--ray-actors must be at least 1, got {args.ray_actors}")
+        fit_on_ray(model, images, args.ray or None, args.ray_actors)
+        nodes = model.fit_images_per_node_
+        _log(f"features extracted on Ray by {model.fit_workers_} actors on {len(nodes)} nodes (images per node: {', '.join(map(str, sorted(nodes.values())))})")
+    elif getattr(args, "ray_actors", None) is not None:
+        raise BadInputError("--ray-actors is an option of --ray")
+    else:
+        model.fit(images)
     elapsed = time.perf_counter() - started
     for message in model.skipped_:
         _log(f"skipped {message}")
     model.save(out)
     report = write_calibration_report(model, out.with_suffix(".calibration.csv"))
     bank = model.memory_bank_.shape
-    _log(f"fitted {model.num_fit_images_} images in {elapsed:.1f} s; memory bank {bank[0]} x {bank[1]}; input {model.layout_.describe()}; wrote {out}")
+    _log(
+        f"fitted {model.num_fit_images_} images in {elapsed:.1f} s; memory bank {bank[0]} x {bank[1]}; input {model.layout_.describe()}; "
+        f"temporary features {model.fit_disk_bytes_ / 1e9:.2f} GB on disk (removed); wrote {out}"
+    )
     _log_calibration(model.calibration_, report)
     return model, elapsed
 
@@ -204,6 +245,7 @@ def _update(args: argparse.Namespace, out: Path) -> None:
         raise BadInputError(f"'{out}': no model to update (fit one first, without --update)")
     images = training_images(args.data)
     model = PatchCore.load(out, device=args.device, batch_size=args.batch_size, index=args.index, progress=not args.quiet)
+    model.temp_dir = args.temp_dir
     before = model.memory_bank_.shape[0]
     started = time.perf_counter()
     model.update(images)
@@ -228,6 +270,8 @@ def _test(model, args: argparse.Namespace, out: Path) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.command == "fit" and args.update and args.ray is not None:
+        raise BadInputError("--update runs on this machine only: drop --ray")
     if args.command == "fit" and args.update:
         _update(args, Path(args.out))
     elif args.command == "fit":
@@ -261,22 +305,37 @@ def run(args: argparse.Namespace) -> int:
 def _load(args: argparse.Namespace):
     """The model of ``test`` and ``predict``, its cut moved to ``--false-alarm-rate`` when given.
     ``predict`` on an exported file (.onnx, or OpenVINO's .xml) scores it with the runtime."""
-    if args.command == "predict" and Path(args.model).suffix in (".onnx", ".xml"):
+    model = load_model(
+        args.model, exported=args.command == "predict", device=args.device, batch_size=args.batch_size,
+        index=args.index, false_alarm_rate=args.false_alarm_rate, progress=not args.quiet,
+    )
+    if args.false_alarm_rate is not None:
+        _log_calibration(model.calibration_)
+    return model
+
+
+def load_model(
+    path: str | Path, exported: bool = True, device: str = "auto", batch_size: int = 8, index: str | None = None,
+    false_alarm_rate: float | None = None, progress: bool = False,
+):
+    """A model ready to score: a ``.safetensors`` model as ``PatchCore``, or with ``exported`` an
+    exported file (.onnx, OpenVINO's .xml) as ``runtime.ExportedModel``; its image threshold moved to
+    ``false_alarm_rate`` when given. Local ``predict`` and each Ray actor load through here."""
+    if exported and Path(path).suffix in (".onnx", ".xml"):
         from .runtime import ExportedModel
 
-        model = ExportedModel(args.model, batch_size=args.batch_size)
+        model = ExportedModel(path, batch_size=batch_size)
     else:
         from .model import PatchCore
 
-        model = PatchCore.load(args.model, device=args.device, batch_size=args.batch_size, index=args.index, progress=not args.quiet)
-    if args.false_alarm_rate is not None:
-        if not 0 < args.false_alarm_rate < 1:
-            raise ValueError(f"false-alarm rate must be between 0 and 1 (e.g. 0.05 for 5%), got {args.false_alarm_rate}")
+        model = PatchCore.load(path, device=device, batch_size=batch_size, index=index, progress=progress)
+    if false_alarm_rate is not None:
+        if not 0 < false_alarm_rate < 1:
+            raise ValueError(f"false-alarm rate must be between 0 and 1 (e.g. 0.05 for 5%), got {false_alarm_rate}")
         try:
-            model.calibration_ = model.calibration_.at_rate(args.false_alarm_rate)
+            model.calibration_ = model.calibration_.at_rate(false_alarm_rate)
         except ValueError as error:
-            raise BadInputError(f"'{args.model}': {error}") from None
-        _log_calibration(model.calibration_)
+            raise BadInputError(f"'{path}': {error}") from None
     return model
 
 
@@ -316,6 +375,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    if args.ray is not None:
+        return _predict_on_ray(args)
+    if args.ray_actors is not None:
+        raise BadInputError("--ray-actors is an option of --ray")
     from .render import PictureWriter, predict_picture
 
     model = _load(args)
@@ -325,46 +388,108 @@ def _predict(args: argparse.Namespace) -> int:
     if not paths:
         raise BadInputError(f"no files found in {', '.join(args.paths)}")
     names = _picture_names(paths, args.paths)
-    scored = failed = 0
-    with open(out / "predictions.jsonl", "w") as lines, PictureWriter() as pictures:
-        for prediction in model.iter_predictions(paths, keep_images=not args.no_pictures, threshold=args.threshold):
-            record = prediction.to_record()
-            if prediction.error is not None:
-                failed += 1
-                _log(f"skipped {prediction.error}")
-            else:
-                scored += 1
-                if not args.no_pictures:
-                    picture = out / "images" / names[prediction.source]
-                    pictures.submit(picture, partial(predict_picture, prediction.image, prediction.map_at, model.calibration_, prediction.score, prediction.is_anomalous))
-                    record["picture"] = str(picture)
-            lines.write(json.dumps(record) + "\n")
+    with PictureWriter() as pictures:
+        results = (
+            (
+                prediction.to_record(),
+                names.get(prediction.source),
+                None if args.no_pictures or prediction.error is not None else partial(
+                    pictures.submit,
+                    render=partial(predict_picture, prediction.image, prediction.map_at, model.calibration_, prediction.score, prediction.is_anomalous),
+                ),
+            )
+            for prediction in model.iter_predictions(paths, keep_images=not args.no_pictures, threshold=args.threshold)
+        )
+        scored, failed = _write_predictions(out, results)
     _log(f"scored {scored} images, skipped {failed}; wrote {out / 'predictions.jsonl'}")
     return 0 if scored else 2
 
 
-def _picture_names(paths: list[Path], arguments: Sequence[str]) -> dict[str, str]:
-    """A unique picture name per input: its path below the folder it was found in, '/' as '__'."""
-    roots = [Path(a) for a in arguments if Path(a).is_dir()]
-    names: dict[str, str] = {}
-    taken: set[str] = set()
-    for path in paths:
-        root = next((r for r in roots if path.is_relative_to(r)), path.parent)
+def _write_predictions(out: Path, results) -> tuple[int, int]:
+    """Writes ``predictions.jsonl`` from (record, picture name, save) per image, in order, where
+    ``save(path)`` writes the image's picture (None: no picture); reports each image skipped.
+    Local and Ray ``predict`` both write through here. Returns (images scored, images skipped)."""
+    scored = failed = 0
+    with open(out / "predictions.jsonl", "w") as lines:
+        for record, name, save in results:
+            if "error" in record:
+                failed += 1
+                _log(f"skipped {record['error']}")
+            else:
+                scored += 1
+                if save is not None:
+                    picture = out / "images" / name
+                    save(picture)
+                    record["picture"] = str(picture)
+            lines.write(json.dumps(record) + "\n")
+    return scored, failed
+
+
+def _predict_on_ray(args: argparse.Namespace) -> int:
+    """``predict --ray``: the same lines and pictures as :func:`_predict`, scored by a Ray actor pool."""
+    from .distributed import RayScoring, import_ray, is_uri
+
+    import_ray()  # before anything slow: without Ray, one line naming the extra
+    _load(args)  # checks the model file and the options here, with their one-line errors, before Ray starts
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    uris = [p for p in args.paths if is_uri(p)]
+    if uris and len(uris) < len(args.paths):
+        raise BadInputError(f"--ray: give either local files and folders or URIs, not both (URIs: {', '.join(uris)})")
+    paths = [] if uris else expand_paths(args.paths)
+    if not uris and not paths:
+        raise BadInputError(f"no files found in {', '.join(args.paths)}")
+    names = _PictureNames(args.paths)
+    with RayScoring(
+        args.model, args.ray or None, actors=args.ray_actors, pictures=not args.no_pictures, threshold=args.threshold,
+        false_alarm_rate=args.false_alarm_rate, device=args.device, batch_size=args.batch_size, index=args.index, progress=not args.quiet,
+    ) as ray_scoring:
+        results = (
+            (result.record, names(result.record["path"]), None if result.picture is None else partial(_write_picture, data=result.picture))
+            for result in (ray_scoring.score_uris(uris) if uris else ray_scoring.score_files(paths))
+        )
+        scored, failed = _write_predictions(out, results)
+        _log(f"scored {scored} images, skipped {failed}; wrote {out / 'predictions.jsonl'}")
+        _log(ray_scoring.describe())
+    return 0 if scored else 2
+
+
+def _write_picture(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+class _PictureNames:
+    """A unique picture name per input, given in order: its path below the argument folder it was
+    found in, '/' as '__' (a file given, or a URI: its name); a name taken gets _2, _3, ..."""
+
+    def __init__(self, arguments: Sequence[str]) -> None:
+        self.roots = [Path(a) for a in arguments if Path(a).is_dir()]
+        self.taken: set[str] = set()
+
+    def __call__(self, source: str | Path) -> str:
+        path = Path(source)
+        root = next((r for r in self.roots if path.is_relative_to(r)), path.parent)
         name = "__".join(path.relative_to(root).with_suffix("").parts) + ".png"
         candidate, number = name, 1
-        while candidate in taken:
+        while candidate in self.taken:
             number += 1
             candidate = name.replace(".png", f"_{number}.png")
-        taken.add(candidate)
-        names[str(path)] = candidate
-    return names
+        self.taken.add(candidate)
+        return candidate
+
+
+def _picture_names(paths: list[Path], arguments: Sequence[str]) -> dict[str, str]:
+    """A unique picture name per input path (see :class:`_PictureNames`)."""
+    name = _PictureNames(arguments)
+    return {str(path): name(path) for path in paths}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (BadInputError, ModelFileError, WeightsError, ValueError) as error:
+    except (BadInputError, ClusterError, ModelFileError, WeightsError, ValueError) as error:
         print(f"patchcore: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

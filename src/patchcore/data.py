@@ -138,9 +138,26 @@ def read_image(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
     ``max_pixels`` pixels (default: Pillow's decompression-bomb limit) is refused from its header.
     """
     path = Path(path)
+    _check_file(path)
+    if path.stat().st_size == 0:  # as an empty upload or a file read elsewhere (read_image_bytes) is reported
+        raise NotAnImageError(f"'{path}': empty file")
+    return _decode(path, str(path), max_pixels)
+
+
+def read_file_bytes(path: str | Path) -> bytes:
+    """A file's bytes, to decode with :func:`read_image_bytes` elsewhere (another machine); a missing
+    or unreadable file raises the error :func:`read_image` would."""
+    path = Path(path)
+    _check_file(path)
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise BadInputError(f"'{path}': not a readable image ({str(error).splitlines()[0]})") from None
+
+
+def _check_file(path: Path) -> None:
     if not path.is_file():
         raise BadInputError(f"'{path}': no such file")
-    return _decode(path, str(path), max_pixels)
 
 
 def read_image_bytes(data: bytes, name: str, max_pixels: int | None = None) -> np.ndarray:

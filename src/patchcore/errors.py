@@ -15,6 +15,10 @@ class WeightsError(RuntimeError):
     """The backbone's pretrained weights could not be found or read."""
 
 
+class ClusterError(RuntimeError):
+    """Ray failed (``--ray``): the cluster could not be started or joined, or it lost the work."""
+
+
 def is_missing_pytorch(error: ModuleNotFoundError) -> bool:
     """Whether an import failed for want of PyTorch (torch or torchvision): where only the
     runtime is installed, the caller then says which install has it."""

@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ from .backbones import build_feature_extractor, get_spec, load_pretrained_extrac
 from .calibrate import DEFAULT_FALSE_ALARM_RATE, Calibration, calibrate
 from .coreset import greedy_coreset, random_projection
 from .data import LoadedImage, image_size_hw, load_batches
+from .featurefile import FeatureFile
 from .features import PatchFeatures
 from .layout import InputLayout
 from .maps import anomaly_maps
@@ -32,6 +33,8 @@ from .regions import ImagePrediction
 from .search import INDEX_KINDS, NearestNeighbourIndex, reweighted_image_scores
 from .storage import read_model, write_model
 
+#: share of the training patches kept in the memory bank unless a bank size is given (the paper's 10%)
+DEFAULT_CORESET_RATIO = 0.1
 #: dimensions of the random projection the coreset is selected on (as the paper and its code use)
 PROJECTION_DIM = 128
 #: training images scored leave-one-out to set the thresholds; beyond this many, a seeded sample:
@@ -52,18 +55,28 @@ class Prediction(ImagePrediction):
 
 
 @dataclass
-class _TrainingPatches:
-    """Patch features of the readable training images, one block of rows per image."""
+class TrainingPatches:
+    """Patch features of the readable training images, one block of rows per image: the full
+    features in a temporary file, their projection for the coreset in memory."""
 
-    features: torch.Tensor  # (rows, D), float16 when wide
-    points: torch.Tensor  # (rows, 128) the coreset's projection (``features`` itself when narrow)
+    file: FeatureFile  # (rows, D): float16 when wide, else float32
+    points: torch.Tensor  # (rows, 128) float16, the coreset's projection (the features themselves when narrow)
     starts: np.ndarray  # (images + 1,) first row of each image, then the end
     grids: list[tuple[int, int]]  # each image's feature grid (h, w)
     input_sizes: list[tuple[int, int]]  # each image's input (H, W)
     sources: list[str]  # each image's path
 
     def rows(self, image: int) -> torch.Tensor:
-        return self.features[self.starts[image] : self.starts[image + 1]]
+        """One image's features, as float32."""
+        return torch.from_numpy(self.file.read(int(self.starts[image]), int(self.starts[image + 1]))).float()
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """The features at increasing row numbers (the chosen coreset), as float32."""
+        return torch.from_numpy(self.file.gather(rows.numpy())).float()
+
+    def close(self) -> None:
+        """Remove the temporary file."""
+        self.file.close()
 
 
 def resolve_device(device: str) -> torch.device:
@@ -100,7 +113,8 @@ class PatchCore:
         scale: float | None = None,
         tile_size: int = 256,
         tile_overlap: int = 64,
-        coreset_ratio: float = 0.1,
+        coreset_ratio: float | None = None,
+        bank_size: int | None = None,
         num_neighbors: int = 9,
         seed: int = 42,
         false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
@@ -108,11 +122,18 @@ class PatchCore:
         batch_size: int = 8,
         weights: str | Path | None = None,
         index: str = "exact",
+        temp_dir: str | Path | None = None,
         progress: bool = True,
     ) -> None:
         spec = get_spec(backbone)  # fails early on an unknown name
-        if not 0 < coreset_ratio <= 1:
+        if coreset_ratio is not None and bank_size is not None:
+            raise ValueError("give a coreset ratio or a bank size, not both")
+        if coreset_ratio is None and bank_size is None:
+            coreset_ratio = DEFAULT_CORESET_RATIO
+        if coreset_ratio is not None and not 0 < coreset_ratio <= 1:
             raise ValueError(f"coreset ratio must be in (0, 1], got {coreset_ratio}")
+        if bank_size is not None and (isinstance(bank_size, bool) or not isinstance(bank_size, int) or bank_size < 1):
+            raise ValueError(f"bank size must be a whole number of entries, at least 1, got {bank_size}")
         if not 0 < false_alarm_rate < 1:
             raise ValueError(f"false-alarm rate must be between 0 and 1 (e.g. 0.05 for 5%), got {false_alarm_rate}")
         if num_neighbors < 1:
@@ -125,6 +146,7 @@ class PatchCore:
         self.layers = tuple(layers) if layers else spec.default_layers
         self.layout = InputLayout(input_mode, image_size, center_crop, scale, tile_size, tile_overlap)
         self.coreset_ratio = coreset_ratio
+        self.bank_size = bank_size
         self.num_neighbors = num_neighbors
         self.seed = seed
         self.false_alarm_rate = false_alarm_rate
@@ -132,6 +154,7 @@ class PatchCore:
         self.batch_size = batch_size
         self.weights = weights
         self.index = index
+        self.temp_dir = temp_dir
         self.progress = progress
 
     # -----------------------------------------------------------------------------------------
@@ -145,37 +168,54 @@ class PatchCore:
         ``false_alarm_rate`` (calibrate.py). Unreadable images are reported and skipped.
         """
         clock = _PhaseClock()
-        torch.manual_seed(self.seed)
-        extractor, weights_sha = load_pretrained_extractor(self.backbone, self.layers, self.weights)
-        self.patch_features_ = PatchFeatures(extractor, self.layers).to(self.device)
-        self.weights_sha256_ = weights_sha
-        sizes = _image_sizes(images)
-        self.layout_ = self.layout.fitted(self.patch_features_.align, sizes)
-        self.skipped_: list[str] = []
+        sizes = self._begin_fit(images)
         clock.lap("load_backbone")
 
         patches = self._extract_patches(images, "features", sizes)
-        if len(patches.sources) < 2:
-            raise ValueError(f"need at least 2 readable good images to fit (each is scored against the others to set the threshold), got {len(patches.sources)}")
-        self.num_fit_images_ = len(patches.sources)
-        clock.lap("features")
-        picks = self._select_coreset(patches.features, patches.points)
-        self.memory_bank_ = patches.features[picks.to(patches.features.device)].float().contiguous()
-        clock.lap("coreset")
-        self.index_ = NearestNeighbourIndex(self.memory_bank_, self.index)
-
-        scores, peaks, map_mean, self.calibration_sources_ = self._leave_one_out(patches, own_runs(picks.numpy(), patches.starts))
+        try:
+            if len(patches.sources) < 2:
+                raise ValueError(f"need at least 2 readable good images to fit (each is scored against the others to set the threshold), got {len(patches.sources)}")
+            self.num_fit_images_ = len(patches.sources)
+            self.fit_disk_bytes_ = patches.file.nbytes
+            clock.lap("features")
+            size = self._bank_entries(len(patches.points))
+            self.coreset_ratio_ = self.coreset_ratio if self.bank_size is None else size / len(patches.points)
+            picks = self._select_coreset(patches.points, size)
+            self.memory_bank_ = patches.gather(picks).to(self.device)
+            clock.lap("coreset")
+            self.index_ = NearestNeighbourIndex(self.memory_bank_, self.index)
+            scores, peaks, map_mean, self.calibration_sources_ = self._leave_one_out(patches, own_runs(picks.numpy(), patches.starts))
+        finally:
+            patches.close()
         self.calibration_ = calibrate(scores, peaks, map_mean, self.false_alarm_rate)
         clock.lap("calibration")
         self.fit_seconds_ = clock.laps
         return self
+
+    def _begin_fit(self, images: ImageInput) -> list[tuple[int, int]]:
+        """Load the backbone and fit the input layout to the images' sizes (read from their headers, returned)."""
+        torch.manual_seed(self.seed)
+        extractor, self.weights_sha256_ = load_pretrained_extractor(self.backbone, self.layers, self.weights)
+        self.patch_features_ = PatchFeatures(extractor, self.layers).to(self.device)
+        sizes = _image_sizes(images)
+        self.layout_ = self.layout.fitted(self.patch_features_.align, sizes)
+        self.skipped_: list[str] = []
+        return sizes
+
+    def _bank_entries(self, patches: int) -> int:
+        """How many of the training patches the memory bank keeps: the bank size (all patches
+        when there are fewer), else the coreset ratio of them."""
+        if self.bank_size is not None:
+            return min(self.bank_size, patches)
+        return max(1, round(self.coreset_ratio * patches))
 
     def update(self, images: ImageInput) -> "PatchCore":
         """Add good images to a fitted model without refitting from scratch.
 
         The greedy k-center selection carries on from the current memory bank: of the new
         images' patches, the ones the bank already covers are not added, and the bank grows by
-        ``coreset_ratio`` of the new patches. The new images are then scored leave-one-out
+        the fit's share of the new patches (``coreset_ratio_``: the coreset ratio, or the share a
+        bank size came to). The new images are then scored leave-one-out
         against the grown bank and the thresholds are cut again, at the model's false-alarm
         rate, on their scores together with the stored scores of the earlier images (taken
         against the smaller bank, so a little high: the cut errs towards fewer false alarms).
@@ -183,13 +223,17 @@ class PatchCore:
         self._check_fitted()
         self.skipped_ = []
         patches = self._extract_patches(images, "features")
-        picks = self._select_coreset(patches.features, patches.points, bank=self.memory_bank_)
-        before = len(self.memory_bank_)
-        added = patches.features[picks.to(patches.features.device)].float()
-        self.memory_bank_ = torch.cat([self.memory_bank_, added.to(self.memory_bank_.device)])
-        self.num_fit_images_ += len(patches.sources)
-        self.index_ = NearestNeighbourIndex(self.memory_bank_, self.index)
-        scores, peaks, map_mean, sources = self._leave_one_out(patches, before + own_runs(picks.numpy(), patches.starts))
+        try:
+            size = max(1, round(self.coreset_ratio_ * len(patches.points)))
+            picks = self._select_coreset(patches.points, size, bank=self.memory_bank_)
+            before = len(self.memory_bank_)
+            added = patches.gather(picks)
+            self.memory_bank_ = torch.cat([self.memory_bank_, added.to(self.memory_bank_.device)])
+            self.num_fit_images_ += len(patches.sources)
+            self.index_ = NearestNeighbourIndex(self.memory_bank_, self.index)
+            scores, peaks, map_mean, sources = self._leave_one_out(patches, before + own_runs(picks.numpy(), patches.starts))
+        finally:
+            patches.close()
         old = self.calibration_
         if old.good_scores:  # a format-1 model stores none: its old images cannot take part
             scores = np.concatenate([old.good_scores, scores])
@@ -201,85 +245,93 @@ class PatchCore:
             self.calibration_sources_ = sources
         return self
 
-    def _select_coreset(self, features: torch.Tensor, points: torch.Tensor, bank: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows to keep, in increasing order: ``coreset_ratio`` of the patches, by greedy k-center
+    def _select_coreset(self, points: torch.Tensor, size: int, bank: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows to keep, in increasing order: ``size`` of the patches, by greedy k-center
         selection on their projection (carried on from ``bank`` when given)."""
-        size = max(1, round(self.coreset_ratio * len(features)))
-        if size == len(features) and bank is None:
-            return torch.arange(len(features))
+        if size == len(points) and bank is None:
+            return torch.arange(len(points))
         initial = None if bank is None else self._project(bank)
         with self._bar(size, "coreset") as bar:
             picks = greedy_coreset(points, size, seed=self.seed, on_progress=bar.update, initial_centres=initial)
         return torch.sort(picks.cpu()).values
 
     def _project(self, features: torch.Tensor) -> torch.Tensor:
-        """The coreset's view of patch features: a seeded random projection to 128 dimensions."""
-        return random_projection(features.float(), PROJECTION_DIM, self.seed)
+        """The coreset's view of patch features: a seeded random projection to 128 dimensions, in float16."""
+        return random_projection(features.float(), PROJECTION_DIM, self.seed).half()
 
-    def _extract_patches(self, images: ImageInput, label: str, sizes: list[tuple[int, int]] | None = None) -> _TrainingPatches:
+    def _extract_patches(
+        self, images: ImageInput, label: str, sizes: list[tuple[int, int]] | None = None, loaded: Iterable[list[LoadedImage]] | None = None
+    ) -> TrainingPatches:
         """Patch features of every readable image, one block of rows per image, and their projection.
+        ``loaded``: the images already decoded, in batches (a fit on Ray decodes bytes sent to it).
 
-        Memory is allocated once, sized from the images' headers, and filled batch by batch. Wide
-        features (more than the projection's 128 dimensions, e.g. 1536 for Wide ResNet-50) are
-        kept in float16 until the coreset is chosen, halving the largest block of a fit; the chosen
-        rows return to float32.
+        The features go to a temporary file batch by batch (``featurefile.py``), in float16 when
+        wide (more than the projection's 128 dimensions, e.g. 1536 for Wide ResNet-50), so that
+        memory holds only the float16 projection the coreset reads: 256 bytes a patch, whatever
+        the backbone. Its memory is allocated once, sized from the images' headers; the disk
+        space the file will take is checked before the first row is written.
         """
         sizes = _image_sizes(images) if sizes is None else sizes
         capacity = sum(math.prod(self.patch_features_.grid_hw(self.layout_.input_hw(size))) for size in sizes)
-        features = points = None
+        file = points = None
         starts, grids, input_sizes, sources = [0], [], [], []
-        with self._bar(len(images), label) as bar:
-            for batch, loaded in self._input_batches(images):
-                bar.update(len(loaded))
-                self.skipped_ += [item.error for item in loaded if item.error]
-                if batch is None:
-                    continue
-                output = self._features(batch)
-                flat = output.reshape(-1, output.shape[-1])
-                if features is None:
-                    wide = flat.shape[1] > PROJECTION_DIM
-                    features = torch.empty((max(capacity, len(flat)), flat.shape[1]), dtype=torch.float16 if wide else torch.float32, device=self.device)
-                    points = torch.empty((len(features), PROJECTION_DIM), device=self.device) if wide else features
-                filled = starts[-1]
-                if filled + len(flat) > len(features):  # a header that under-stated its image: grow
-                    narrow = points is features
-                    features = _grow(features, filled + len(flat))
-                    points = features if narrow else _grow(points, filled + len(flat))
-                features[filled : filled + len(flat)] = flat
-                if points is not features:
+        try:
+            with self._bar(len(images), label) as bar:
+                runs = self._input_batches(images) if loaded is None else (run for batch in loaded for run in _same_size_runs(batch))
+                for batch, run in runs:
+                    bar.update(len(run))
+                    self.skipped_ += [item.error for item in run if item.error]
+                    if batch is None:
+                        continue
+                    output = self._features(batch)
+                    flat = output.reshape(-1, output.shape[-1])
+                    if file is None:
+                        wide = flat.shape[1] > PROJECTION_DIM
+                        file = FeatureFile(flat.shape[1], np.float16 if wide else np.float32, capacity, self.temp_dir)
+                        points = torch.empty((max(capacity, len(flat)), min(flat.shape[1], PROJECTION_DIM)), dtype=torch.float16, device=self.device)
+                    filled = starts[-1]
+                    if filled + len(flat) > len(points):  # a header that under-stated its image: grow
+                        points = _grow(points, filled + len(flat))
+                    file.append(flat.to(torch.float16 if file.dtype == np.float16 else torch.float32).cpu().numpy())
                     points[filled : filled + len(flat)] = self._project(flat)
-                per_image = math.prod(output.shape[1:3])
-                starts += [filled + per_image * (i + 1) for i in range(len(output))]
-                grids += [tuple(output.shape[1:3])] * len(output)
-                input_sizes += [tuple(batch.shape[-2:])] * len(output)
-                sources += [str(item.path) for item in loaded if item.error is None]
-        if features is None or starts[-1] == 0:
-            raise ValueError("no readable training images")
-        end = starts[-1]
-        return _TrainingPatches(features[:end], points[:end], np.array(starts), grids, input_sizes, sources)
+                    per_image = math.prod(output.shape[1:3])
+                    starts += [filled + per_image * (i + 1) for i in range(len(output))]
+                    grids += [tuple(output.shape[1:3])] * len(output)
+                    input_sizes += [tuple(batch.shape[-2:])] * len(output)
+                    sources += [str(item.path) for item in run if item.error is None]
+            if file is None or starts[-1] == 0:
+                raise ValueError("no readable training images")
+        except BaseException:
+            if file is not None:
+                file.close()
+            raise
+        return TrainingPatches(file, points[: starts[-1]], np.array(starts), grids, input_sizes, sources)
 
-    def _leave_one_out(self, patches: _TrainingPatches, bank_starts: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, list[str]]:
+    def _leave_one_out(self, patches: TrainingPatches, bank_starts: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, list[str]]:
         """Each image's score and highest map value against the bank without its own entries, the
         mean map value over all, and the images' paths: what new good images would get, for
         ``calibrate``. Beyond :data:`CALIBRATION_IMAGES` images, a seeded sample of them."""
-        count = len(patches.sources)
-        chosen = np.arange(count)
-        if count > CALIBRATION_IMAGES:
-            chosen = np.sort(np.random.default_rng(self.seed).choice(count, CALIBRATION_IMAGES, replace=False))
-        scores, peaks = [], []
-        map_sum, map_pixels = 0.0, 0
+        chosen = self._calibration_images(len(patches.sources))
         with self._bar(len(chosen), "calibration") as bar:
+            results = []
             for image in chosen:
-                grid = patches.grids[image]
-                own = (int(bank_starts[image]), int(bank_starts[image + 1]))
-                features = patches.rows(image).float().reshape(1, *grid, -1)
-                score, anomaly_map = self._score_features(features, patches.input_sizes[image], exclude=own)
-                scores.append(float(score[0]))
-                peaks.append(float(anomaly_map.max()))
-                map_sum += float(anomaly_map.sum(dtype=torch.float64))
-                map_pixels += anomaly_map.numel()
+                results.append(self._left_out(patches, image, (int(bank_starts[image]), int(bank_starts[image + 1]))))
                 bar.update(1)
-        return np.array(scores), np.array(peaks), map_sum / map_pixels, [patches.sources[i] for i in chosen]
+        return (*_calibration_inputs(results), [patches.sources[i] for i in chosen])
+
+    def _calibration_images(self, count: int) -> np.ndarray:
+        """Which of ``count`` training images are scored leave-one-out: all, or beyond
+        :data:`CALIBRATION_IMAGES` a seeded sample, in increasing order."""
+        if count <= CALIBRATION_IMAGES:
+            return np.arange(count)
+        return np.sort(np.random.default_rng(self.seed).choice(count, CALIBRATION_IMAGES, replace=False))
+
+    def _left_out(self, patches: TrainingPatches, image: int, own: tuple[int, int]) -> tuple[float, float, float, int]:
+        """One training image scored against the bank without its own entries ``own``: its
+        score, its map's highest value, the sum of its map and the map's pixel count."""
+        features = patches.rows(image).to(self.device).reshape(1, *patches.grids[image], -1)
+        score, anomaly_map = self._score_features(features, patches.input_sizes[image], exclude=own)
+        return float(score[0]), float(anomaly_map.max()), float(anomaly_map.sum(dtype=torch.float64)), anomaly_map.numel()
 
     # -----------------------------------------------------------------------------------------
     # Scoring
@@ -409,7 +461,8 @@ class PatchCore:
             "backbone": self.backbone,
             "layers": list(self.layers),
             "input": self.layout_.to_dict(),
-            "coreset_ratio": self.coreset_ratio,
+            "coreset_ratio": self.coreset_ratio_,
+            "bank_size": self.bank_size,
             "num_neighbors": self.num_neighbors,
             "index": self.index,
             "seed": self.seed,
@@ -436,7 +489,8 @@ class PatchCore:
             model = cls(
                 settings["backbone"],
                 layers=settings["layers"],
-                coreset_ratio=settings["coreset_ratio"],
+                coreset_ratio=None if settings.get("bank_size") else settings["coreset_ratio"],
+                bank_size=settings.get("bank_size"),
                 num_neighbors=settings["num_neighbors"],
                 seed=settings["seed"],
                 false_alarm_rate=calibration.false_alarm_rate or DEFAULT_FALSE_ALARM_RATE,
@@ -449,6 +503,8 @@ class PatchCore:
             extractor = build_feature_extractor(get_spec(model.backbone), model.layers)
             extractor.load_state_dict({k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")})
             model.calibration_ = calibration
+            # The share of the fit's patches the bank holds (also when a bank size set it).
+            model.coreset_ratio_ = float(settings["coreset_ratio"])
             model.num_fit_images_ = settings["num_fit_images"]
             model.weights_sha256_ = settings["backbone_weights_sha256"]
             bank = tensors["memory_bank"]
@@ -482,6 +538,16 @@ class _PhaseClock:
         now = time.perf_counter()
         self.laps[phase] = now - self._last
         self._last = now
+
+
+def _calibration_inputs(left_out: Sequence[tuple[float, float, float, int]]) -> tuple[np.ndarray, np.ndarray, float]:
+    """The images' scores, their maps' highest values and the mean map value over all of them,
+    from each image's :meth:`PatchCore._left_out`, summed in order."""
+    map_sum, map_pixels = 0.0, 0
+    for _, _, image_sum, pixels in left_out:
+        map_sum += image_sum
+        map_pixels += pixels
+    return np.array([r[0] for r in left_out]), np.array([r[1] for r in left_out]), map_sum / map_pixels
 
 
 def own_runs(picks: np.ndarray, starts: np.ndarray) -> np.ndarray:

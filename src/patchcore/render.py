@@ -120,3 +120,11 @@ def save_png(path: Path, rgb: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(path), np.ascontiguousarray(rgb[..., ::-1])):
         raise OSError(f"'{path}': could not write picture")
+
+
+def encode_png(rgb: np.ndarray) -> bytes:
+    """An RGB picture as PNG bytes, the same bytes :func:`save_png` writes (Ray actors send these back)."""
+    ok, encoded = cv2.imencode(".png", np.ascontiguousarray(rgb[..., ::-1]))
+    if not ok:
+        raise OSError("could not encode picture as PNG")
+    return encoded.tobytes()

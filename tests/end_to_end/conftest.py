@@ -10,6 +10,7 @@ from typing import Iterator
 import pytest
 
 from patchcore.cli import main
+from ray_cluster import LocalRayCluster
 from serving import RunningServer
 
 
@@ -36,3 +37,13 @@ def start_server(tmp_path) -> Iterator:
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[LocalRayCluster]:
+    """A real two-node Ray cluster on this machine (head and one worker node, 2 CPUs and a 100 MB
+    object store each, token authentication on), started once per session and stopped after it.
+    Drive it with ``--ray cluster.address`` in a process run with ``env=cluster.env``;
+    ``cluster.node_ids`` holds the head's node id, then the worker's."""
+    with LocalRayCluster(nodes=2, cpus_per_node=2, object_store_bytes=100 * 2**20) as cluster:
+        yield cluster

@@ -103,3 +103,20 @@ def test_clustered_data_with_duplicates_matches_brute_force():
     cloud[1500:1600] = cloud[:100]
     picks = greedy_coreset(cloud, 200, seed=1).tolist()
     assert picks == brute_force_greedy(cloud, 200, picks[0])
+
+
+@pytest.mark.parametrize("parallel_above", [0, 10**9])
+def test_float16_points_on_all_threads_or_one_match_brute_force(monkeypatch, parallel_above):
+    # How a fit hands the projection over (float16), with the cells read on all threads (0) or on one.
+    from patchcore import coreset
+
+    monkeypatch.setattr(coreset, "PARALLEL_READ_POINTS", parallel_above)
+    generator = torch.Generator().manual_seed(21)
+    centres = torch.randn(40, 12, generator=generator) * 5
+    cloud = (centres[torch.randint(40, (4000,), generator=generator)] + 0.2 * torch.randn(4000, 12, generator=generator)).half()
+    cloud[3000:3050] = cloud[10:60]  # exact duplicates: ties go to the lowest index
+    picks = greedy_coreset(cloud, 300, seed=3).tolist()
+    assert picks == brute_force_greedy(cloud.float(), 300, picks[0])
+    bank = cloud[:7].float() + 0.5
+    picks = greedy_coreset(cloud, 120, initial_centres=bank).tolist()
+    assert picks == brute_force_greedy(cloud.float(), 120, None, initial=bank)
