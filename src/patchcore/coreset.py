@@ -19,6 +19,11 @@ distance is computed. So a pick costs one distance per earlier pick (to test the
 the points near it, not all N: with the bank size fixed, the time grows linearly with the
 number of training images. The picks are the plain loop's, ties going to the lowest index. On a
 GPU the plain loop is fast enough and runs with no host synchronisation per pick.
+
+What makes the CPU loop fast is memory order, not arithmetic: each cell is one contiguous run
+of (point, distance) entries in a pool, so a cell is read front to back; the points it wins go
+to a new run at the pool's end. Distances convert float16 with the CPU's own instruction and sum
+in vector lanes; every distance comes from one function, so they compare exactly.
 """
 
 from __future__ import annotations
@@ -29,15 +34,13 @@ from typing import Callable
 import numba
 import numpy as np
 import torch
-from numba.extending import overload
+from llvmlite import ir
+from numba.extending import intrinsic, overload
 
 #: a cell is read when its centre is nearer the new pick than twice its largest radius, by this
 #: factor on the squared distances: the test is computed in another summation order than the
 #: distances it guards, so it errs towards reading a cell rather than skipping one it must read
 READ_MARGIN = 1.001
-
-#: float16 bit pattern -> float32 value, for the compiled loops (numba has no float16)
-_HALF_TO_FLOAT = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
 
 
 def random_projection(features: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
@@ -108,32 +111,56 @@ def _report(on_progress: Callable[[int], None] | None, count: int) -> Callable[[
 
 
 class _Cells:
-    """The CPU loop's state: each point's nearest centre and squared distance to it, and per
-    centre slot its cell (a linked list of its points), the cell's size, largest squared
-    distance and the lowest index holding it."""
+    """The CPU loop's state. Each centre slot has a cell: the points nearer to it than to any
+    other centre, held as one contiguous segment of a pool of (point index, squared distance to
+    the centre) entries, so that reading a cell is a sequential scan. A new centre's cell is
+    appended at the pool's end and the cells it took points from close up; when the pool is
+    full, every cell moves down over the holes. Per slot: the segment's start and size, the
+    cell's largest squared distance and the lowest point index holding it."""
 
     def __init__(self, total: int, slots: int, dims: int) -> None:
+        capacity = 2 * total  # the live entries (total) and room for one more pick's cell (at most total)
         self.centres = np.empty((slots, dims), dtype=np.float32)
-        self.nearest = np.empty(total, dtype=np.float32)
-        self.owner = np.empty(total, dtype=np.int32)
-        self.next = np.empty(total, dtype=np.int32)  # next point of the same cell, -1 at the end
-        self.head = np.full(slots, -1, dtype=np.int32)
+        self.index = np.empty(capacity, dtype=np.int32)
+        self.radius = np.empty(capacity, dtype=np.float32)
+        self.fill = np.zeros(1, dtype=np.int64)  # the pool's used length
+        self.start = np.zeros(slots, dtype=np.int64)
         self.size = np.zeros(slots, dtype=np.int64)
         self.largest = np.full(slots, -1.0, dtype=np.float32)
         self.farthest = np.zeros(slots, dtype=np.int64)
         self.gaps = np.empty(slots, dtype=np.float32)  # squared distance of each centre to the new one
         self.read = np.empty(slots, dtype=np.int32)  # the cells to read for the new centre
-        self.moved = np.empty((slots, 4), dtype=np.int64)  # per cell read: (head, tail, count, farthest) of points won
-        self.moved_largest = np.empty(slots, dtype=np.float32)
+        self.first_chunk = np.empty(slots + 1, dtype=np.int64)  # each cell read's chunks
+        self.destination = np.empty(slots, dtype=np.int64)  # where each cell read's won points go
+        self.chunk = CHUNK
+        chunks = slots + capacity // self.chunk + 2
+        self.chunk_begin = np.empty(chunks, dtype=np.int64)
+        self.chunk_end = np.empty(chunks, dtype=np.int64)
+        self.chunk_cell = np.empty(chunks, dtype=np.int32)
+        self.chunk_won = np.empty(chunks, dtype=np.int64)
+        self.chunk_keep_best = np.empty(chunks, dtype=np.float32)
+        self.chunk_keep_where = np.empty(chunks, dtype=np.int64)
+        self.chunk_won_best = np.empty(chunks, dtype=np.float32)
+        self.chunk_won_where = np.empty(chunks, dtype=np.int64)
+        self.chunk_distances = np.empty(chunks, dtype=np.int64)
+        # what the loop did, for tests and benchmarks: pool entries read, distances computed, close-ups
+        self.entries_read = self.distances = self.close_ups = 0
 
     def arrays(self) -> tuple:
-        return (self.centres, self.nearest, self.owner, self.next, self.head, self.size, self.largest, self.farthest,
-                self.gaps, self.read, self.moved, self.moved_largest)
+        return (self.centres, self.index, self.radius, self.fill, self.start, self.size, self.largest, self.farthest,
+                self.gaps, self.read, self.first_chunk, self.destination, self.chunk_begin, self.chunk_end,
+                self.chunk_cell, self.chunk_won, self.chunk_keep_best, self.chunk_keep_where, self.chunk_won_best,
+                self.chunk_won_where, self.chunk_distances)
 
 
-def _greedy_cpu(points: np.ndarray, count: int, seed: int, on_progress, initial: tuple[np.ndarray, np.ndarray, np.ndarray] | None) -> np.ndarray:
+#: pool entries per unit of work when cells are read on all threads (a large cell is split)
+CHUNK = 16384
+
+
+def _greedy_cpu(points: np.ndarray, count: int, seed: int, on_progress, initial: tuple[np.ndarray, np.ndarray, np.ndarray] | None, counts: dict[str, int] | None = None) -> np.ndarray:
     """The cell-pruned loop; ``initial`` is (initial centres, each point's squared distance to
-    its nearest one, which one that is)."""
+    its nearest one, which one that is). ``counts``, if given, receives what the loop did:
+    pool entries read, distances computed (not counting the first cell's) and close-ups."""
     total, dims = points.shape
     tell = _report(on_progress, count)
     # Centre slots: the initial centres (if any) first, then the picks as they are made.
@@ -144,49 +171,60 @@ def _greedy_cpu(points: np.ndarray, count: int, seed: int, on_progress, initial:
     if initial is None:
         first = int(torch.randint(total, (1,), generator=torch.Generator().manual_seed(seed)))
         picks[0] = first
-        _centre_from(points, _HALF_TO_FLOAT, first, cells.centres[0])
-        _first_cell(points, _HALF_TO_FLOAT, *state)
+        _centre_from(points, first, cells.centres[0])
+        _first_cell(points, *state)
         tell(0)
         done = 1
     else:
         cells.centres[:offset] = initial[0]
-        cells.nearest[:] = initial[1]
-        cells.owner[:] = initial[2]
-        _initial_cells(*state)
+        _initial_cells(initial[1], initial[2].astype(np.int64), *state)
         done = 0
     for step in range(done, count):
         pick = _farthest_cell(cells.largest, cells.farthest, offset + step)
         picks[step] = pick
-        _centre_from(points, _HALF_TO_FLOAT, pick, cells.centres[offset + step])
-        _add_centre(points, _HALF_TO_FLOAT, offset + step, *state)
+        _centre_from(points, pick, cells.centres[offset + step])
+        _add_centre(points, offset + step, cells, state)
         tell(step)
+    if counts is not None:
+        counts.update(entries_read=cells.entries_read, distances=cells.distances, close_ups=cells.close_ups)
     return picks
 
 
-def _coordinate(points, table, i, k):  # pragma: no cover - compiled code calls the overload below
+@intrinsic
+def _half_to_float(typingctx, bits):  # pragma: no cover - compiled
+    """A float16 bit pattern's value as float32 (numba has no float16 type; the CPU converts)."""
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return numba.types.float32(numba.types.uint16), codegen
+
+
+def _as_float(value):  # pragma: no cover - compiled code calls the overload below
     raise NotImplementedError("only for compiled code")
 
 
-@overload(_coordinate)
-def _coordinate_overload(points, table, i, k):
-    """A point's coordinate as float32: read directly, or through the table for float16 bits."""
-    if points.dtype == numba.types.uint16:
-        return lambda points, table, i, k: table[points[i, k]]
-    return lambda points, table, i, k: points[i, k]
+@overload(_as_float, inline="always")
+def _as_float_overload(value):
+    """A coordinate as float32: float16 bit patterns converted, float32 as it is."""
+    if value == numba.types.uint16:
+        return lambda value: _half_to_float(value)
+    return lambda value: value
 
 
 @numba.njit(cache=True)
-def _centre_from(points, table, index, out):  # pragma: no cover - compiled
-    for k in range(points.shape[1]):
-        out[k] = _coordinate(points, table, index, k)
+def _centre_from(points, index, out):  # pragma: no cover - compiled
+    for k in range(out.shape[0]):
+        out[k] = _as_float(points[index, k])
 
 
-@numba.njit(cache=True)
-def _squared_distance(points, table, i, centre):  # pragma: no cover - compiled
-    # One summation order for every distance that decides a point's cell: the plain loop's.
+@numba.njit(fastmath={"reassoc", "contract"}, cache=True)
+def _squared_distance(points, i, centre):  # pragma: no cover - compiled
+    # Every distance that decides a point's cell comes from this one function, so that they are
+    # comparable; reassociation lets the sum run in vector lanes (8x faster than one by one).
+    row = points[i]
     total = np.float32(0.0)
     for k in range(centre.shape[0]):
-        diff = _coordinate(points, table, i, k) - centre[k]
+        diff = _as_float(row[k]) - centre[k]
         total += diff * diff
     return total
 
@@ -198,33 +236,38 @@ def _farther(value, index, best, best_index):  # pragma: no cover - compiled
 
 
 @numba.njit(parallel=True, cache=True)
-def _first_cell(points, table, centres, nearest, owner, next_, head, size, largest, farthest, gaps, read, moved, moved_largest):  # pragma: no cover - compiled
+def _first_cell(points, centres, index, radius, fill, start, size, largest, farthest, *rest):  # pragma: no cover - compiled
     """Every point joins the first centre's cell, in index order."""
     total = points.shape[0]
     centre = centres[0]
     for i in numba.prange(total):
-        nearest[i] = _squared_distance(points, table, i, centre)
-        owner[i] = 0
-        next_[i] = i + 1 if i + 1 < total else -1
-    head[0] = 0
-    size[0] = total
+        index[i] = i
+        radius[i] = _squared_distance(points, i, centre)
     best, where = np.float32(-1.0), 0
     for i in range(total):
-        if nearest[i] > best:
-            best, where = nearest[i], i
-    largest[0], farthest[0] = best, where
+        if radius[i] > best:
+            best, where = radius[i], i
+    start[0], size[0], largest[0], farthest[0], fill[0] = 0, total, best, where, total
 
 
 @numba.njit(cache=True)
-def _initial_cells(centres, nearest, owner, next_, head, size, largest, farthest, gaps, read, moved, moved_largest):  # pragma: no cover - compiled
+def _initial_cells(nearest, owner, centres, index, radius, fill, start, size, largest, farthest, *rest):  # pragma: no cover - compiled
     """Cells of the initial centres from each point's nearest one, each in index order."""
-    for i in range(nearest.shape[0] - 1, -1, -1):
+    total = nearest.shape[0]
+    for i in range(total):
+        size[owner[i]] += 1
+    position = 0
+    for cell in range(centres.shape[0]):
+        start[cell] = position
+        position += size[cell]
+    cursor = start.copy()
+    for i in range(total):
         cell = owner[i]
-        next_[i] = head[cell]
-        head[cell] = i
-        size[cell] += 1
-        if _farther(nearest[i], i, largest[cell], farthest[cell]) or size[cell] == 1:
+        index[cursor[cell]], radius[cursor[cell]] = i, nearest[i]
+        cursor[cell] += 1
+        if _farther(nearest[i], i, largest[cell], farthest[cell]):
             largest[cell], farthest[cell] = nearest[i], i
+    fill[0] = total
 
 
 @numba.njit(cache=True)
@@ -242,16 +285,23 @@ def _farthest_cell(largest, farthest, slots):  # pragma: no cover - compiled
 PARALLEL_READ_POINTS = 10_000
 
 
-def _add_centre(points: np.ndarray, table: np.ndarray, slot: int, *state) -> None:
+def _add_centre(points: np.ndarray, slot: int, cells: _Cells, state: tuple) -> None:
     """Make ``centres[slot]`` a centre: the points it is nearer to than their own move to its cell."""
     reads, volume = _cells_to_read(slot, *state)
-    read_cells = _read_cells_parallel if volume > PARALLEL_READ_POINTS else _read_cells_serial
-    read_cells(points, table, slot, reads, *state)
-    _gather_won(slot, reads, *state)
+    if cells.fill[0] + volume > len(cells.index):
+        _close_up(slot, *state)
+        cells.close_ups += 1
+    _chunks_of(reads, cells.chunk, *state)
+    parallel = volume > PARALLEL_READ_POINTS
+    (_read_chunks_parallel if parallel else _read_chunks_serial)(points, slot, reads, *state)
+    cells.entries_read += volume
+    cells.distances += int(cells.chunk_distances[: cells.first_chunk[reads]].sum())
+    _new_cell(slot, reads, *state)
+    (_move_won_parallel if parallel else _move_won_serial)(reads, *state)
 
 
 @numba.njit(fastmath={"reassoc", "contract"}, cache=True)
-def _cells_to_read(slot, centres, nearest, owner, next_, head, size, largest, farthest, gaps, read, moved, moved_largest):  # pragma: no cover - compiled
+def _cells_to_read(slot, centres, index, radius, fill, start, size, largest, farthest, gaps, read, *rest):  # pragma: no cover - compiled
     """The cells the new centre may win points from, listed in ``read``: their count and their points' count."""
     centre = centres[slot]
     reads, volume = 0, 0
@@ -272,52 +322,103 @@ def _cells_to_read(slot, centres, nearest, owner, next_, head, size, largest, fa
 
 
 @numba.njit(cache=True)
-def _append(next_, i, radius, head, tail, count, best, where):  # pragma: no cover - compiled
-    """Link point ``i`` (at ``radius``) after ``tail`` of a list; the list's new (head, tail,
-    count, largest radius, lowest index holding it)."""
-    if tail == -1:
-        head = i
-    else:
-        next_[tail] = i
-    if _farther(radius, i, best, where):
-        best, where = radius, i
-    return head, i, count + 1, best, where
+def _close_up(slots, centres, index, radius, fill, start, size, *rest):  # pragma: no cover - compiled
+    """Move every cell's segment down over the holes left by points that changed cells."""
+    # Slot order is pool order (each new cell goes at the end, and this keeps the order), so a
+    # segment only ever moves down over entries already moved or free.
+    cursor = 0
+    for cell in range(slots):
+        count = size[cell]
+        if count == 0:
+            continue
+        source = start[cell]
+        for p in range(count):
+            index[cursor + p], radius[cursor + p] = index[source + p], radius[source + p]
+        start[cell] = cursor
+        cursor += count
+    fill[0] = cursor
 
 
-def _read_cells(points, table, slot, reads, centres, nearest, owner, next_, head, size, largest, farthest, gaps, read, moved, moved_largest):  # pragma: no cover - compiled
-    """Split each cell read into the points it keeps and the points the new centre wins."""
-    centre = centres[slot]
-    for q in numba.prange(reads):
+@numba.njit(cache=True)
+def _chunks_of(reads, chunk, centres, index, radius, fill, start, size, largest, farthest, gaps, read, first_chunk, destination, chunk_begin, chunk_end, chunk_cell, *rest):  # pragma: no cover - compiled
+    """Split the cells read into chunks of at most ``chunk`` entries, so that one large cell is read on all threads."""
+    chunks = 0
+    for q in range(reads):
         cell = read[q]
-        gap = gaps[cell]
-        keep_head, keep_tail, kept, keep_best, keep_where = -1, -1, 0, np.float32(-1.0), 0
-        won_head, won_tail, won, won_best, won_where = -1, -1, 0, np.float32(-1.0), 0
-        i = head[cell]
-        while i != -1:
-            following = next_[i]
-            radius = nearest[i]
-            is_won = False
-            if gap < 4.0 * radius * READ_MARGIN:
-                distance = _squared_distance(points, table, i, centre)
-                if distance < radius:
-                    nearest[i] = distance
-                    owner[i] = slot
-                    radius = distance
-                    is_won = True
-            if is_won:
-                won_head, won_tail, won, won_best, won_where = _append(next_, i, radius, won_head, won_tail, won, won_best, won_where)
-            else:
-                keep_head, keep_tail, kept, keep_best, keep_where = _append(next_, i, radius, keep_head, keep_tail, kept, keep_best, keep_where)
-            i = following
-        if keep_tail != -1:
-            next_[keep_tail] = -1
-        if won_tail != -1:
-            next_[won_tail] = -1
-        head[cell], size[cell], largest[cell], farthest[cell] = keep_head, kept, keep_best, keep_where
-        moved[q, 0], moved[q, 1], moved[q, 2], moved[q, 3] = won_head, won_tail, won, won_where
-        moved_largest[q] = won_best
+        first_chunk[q] = chunks
+        begin, end = start[cell], start[cell] + size[cell]
+        while begin < end:
+            chunk_begin[chunks], chunk_end[chunks], chunk_cell[chunks] = begin, min(begin + chunk, end), cell
+            chunks += 1
+            begin += chunk
+    first_chunk[reads] = chunks
 
 
+def _read_chunks(points, slot, reads, centres, index, radius, fill, start, size, largest, farthest, gaps, read, first_chunk, destination, chunk_begin, chunk_end, chunk_cell, chunk_won, chunk_keep_best, chunk_keep_where, chunk_won_best, chunk_won_where, chunk_distances):  # pragma: no cover - compiled
+    """Find the points the new centre wins in each chunk: their entries get the new distance
+    and a negative index (-1 - i); the chunk's count won and farthest kept and won point."""
+    centre = centres[slot]
+    for c in numba.prange(first_chunk[reads]):
+        gap = gaps[chunk_cell[c]]
+        won, distances = 0, 0
+        keep_best, keep_where, won_best, won_where = np.float32(-1.0), 0, np.float32(-1.0), 0
+        for p in range(chunk_begin[c], chunk_end[c]):
+            r, i = radius[p], index[p]
+            # d(x, c) >= d(a, c) - r: unless d(a, c) < 2 r, the new centre is not nearer than a.
+            if gap < 4.0 * r * READ_MARGIN:
+                distance = _squared_distance(points, i, centre)
+                distances += 1
+                if distance < r:
+                    radius[p], index[p] = distance, -1 - i
+                    won += 1
+                    if _farther(distance, i, won_best, won_where):
+                        won_best, won_where = distance, i
+                    continue
+            if _farther(r, i, keep_best, keep_where):
+                keep_best, keep_where = r, i
+        chunk_won[c], chunk_distances[c] = won, distances
+        chunk_keep_best[c], chunk_keep_where[c], chunk_won_best[c], chunk_won_where[c] = keep_best, keep_where, won_best, won_where
+
+
+@numba.njit(cache=True)
+def _new_cell(slot, reads, centres, index, radius, fill, start, size, largest, farthest, gaps, read, first_chunk, destination, chunk_begin, chunk_end, chunk_cell, chunk_won, chunk_keep_best, chunk_keep_where, chunk_won_best, chunk_won_where, chunk_distances):  # pragma: no cover - compiled
+    """The new centre's cell: a segment at the pool's end, with room for each cell read's points won, in read order."""
+    total, best, where = 0, np.float32(-1.0), 0
+    for q in range(reads):
+        destination[q] = fill[0] + total
+        for c in range(first_chunk[q], first_chunk[q + 1]):
+            total += chunk_won[c]
+            if chunk_won[c] > 0 and _farther(chunk_won_best[c], chunk_won_where[c], best, where):
+                best, where = chunk_won_best[c], chunk_won_where[c]
+    start[slot], size[slot], largest[slot], farthest[slot] = fill[0], total, best, where
+    fill[0] += total
+
+
+def _move_won(reads, centres, index, radius, fill, start, size, largest, farthest, gaps, read, first_chunk, destination, chunk_begin, chunk_end, chunk_cell, chunk_won, chunk_keep_best, chunk_keep_where, chunk_won_best, chunk_won_where, chunk_distances):  # pragma: no cover - compiled
+    """Copy each cell's won entries to the new cell's segment, and close up the entries it keeps."""
+    for q in numba.prange(reads):
+        first, last = first_chunk[q], first_chunk[q + 1]
+        won = 0
+        for c in range(first, last):
+            won += chunk_won[c]
+        if won == 0:
+            continue
+        cell = read[q]
+        kept, moved = start[cell], destination[q]
+        best, where = np.float32(-1.0), 0
+        for c in range(first, last):
+            for p in range(chunk_begin[c], chunk_end[c]):
+                i = index[p]
+                if i < 0:
+                    index[moved], radius[moved] = -1 - i, radius[p]
+                    moved += 1
+                else:
+                    index[kept], radius[kept] = i, radius[p]
+                    kept += 1
+            if _farther(chunk_keep_best[c], chunk_keep_where[c], best, where):
+                best, where = chunk_keep_best[c], chunk_keep_where[c]
+        size[cell] = kept - start[cell]
+        largest[cell], farthest[cell] = best, where  # -1 when the cell was emptied
 def _compiled_twice(function: Callable) -> tuple[Callable, Callable]:
     """``function`` compiled for all threads (prange in parallel) and for one (prange as range).
     The serial copy gets its own name, so that numba's cache keeps the two apart."""
@@ -326,25 +427,8 @@ def _compiled_twice(function: Callable) -> tuple[Callable, Callable]:
     return numba.njit(parallel=True, cache=True)(function), numba.njit(cache=True)(serial)
 
 
-_read_cells_parallel, _read_cells_serial = _compiled_twice(_read_cells)
-
-
-@numba.njit(cache=True)
-def _gather_won(slot, reads, centres, nearest, owner, next_, head, size, largest, farthest, gaps, read, moved, moved_largest):  # pragma: no cover - compiled
-    """The new cell: the points won from each cell read, linked one run after another."""
-    tail, best, where = -1, np.float32(-1.0), 0
-    for q in range(reads):
-        if moved[q, 2] == 0:
-            continue
-        if tail == -1:
-            head[slot] = moved[q, 0]
-        else:
-            next_[tail] = moved[q, 0]
-        tail = moved[q, 1]
-        size[slot] += moved[q, 2]
-        if _farther(moved_largest[q], moved[q, 3], best, where):
-            best, where = moved_largest[q], moved[q, 3]
-    largest[slot], farthest[slot] = best, where
+_read_chunks_parallel, _read_chunks_serial = _compiled_twice(_read_chunks)
+_move_won_parallel, _move_won_serial = _compiled_twice(_move_won)
 
 
 def _greedy_plain(points: torch.Tensor, count: int, seed: int, on_progress, start: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:

@@ -1,8 +1,10 @@
 """Greedy k-center selection against a brute-force reference."""
 
+import numpy as np
 import pytest
 import torch
 
+from patchcore import coreset
 from patchcore.coreset import _greedy_plain, _nearest_initial_centres, greedy_coreset, random_projection
 
 
@@ -17,6 +19,26 @@ def brute_force_greedy(points: torch.Tensor, count: int, first: int | None, init
         distances = torch.cdist(points.double(), chosen).min(dim=1).values
         picks.append(int(torch.argmax(distances)))
     return picks
+
+
+def assert_each_pick_is_the_farthest(points: torch.Tensor, picks: list[int], tolerance: float = 1e-5) -> None:
+    """Each pick is the point farthest from the picks before it, by float64 distances, up to the
+    float32 rounding of the loop's own (``tolerance``, relative, on squared distances): among
+    thousands of picks, two points' distances may tie to within 1e-7 and either may come first.
+    The check follows the loop's own picks, so one near-tie does not derail the rest."""
+    x = points.double()
+    nearest = (x - x[picks[0]]).square().sum(dim=1)
+    for step, pick in enumerate(picks[1:], start=1):
+        farthest = float(nearest.max())
+        assert float(nearest[pick]) >= farthest * (1 - tolerance), f"pick {step}: {pick} at {float(nearest[pick])}, farthest {int(nearest.argmax())} at {farthest}"
+        nearest = torch.minimum(nearest, (x - x[pick]).square().sum(dim=1))
+
+
+def cpu_loop_with_counts(points: torch.Tensor, count: int, seed: int) -> tuple[list[int], dict[str, int]]:
+    """The CPU loop's picks on float16 points, and what it did (entries read, distances, close-ups)."""
+    counts: dict[str, int] = {}
+    bits = points.half().view(torch.int16).numpy().view(np.uint16)
+    return coreset._greedy_cpu(bits, count, seed, None, None, counts).tolist(), counts
 
 
 @pytest.fixture
@@ -120,3 +142,54 @@ def test_float16_points_on_all_threads_or_one_match_brute_force(monkeypatch, par
     bank = cloud[:7].float() + 0.5
     picks = greedy_coreset(cloud, 120, initial_centres=bank).tolist()
     assert picks == brute_force_greedy(cloud.float(), 120, None, initial=bank)
+
+
+@pytest.mark.parametrize("parallel_above", [0, 10**9])
+def test_cells_read_in_small_chunks_and_closed_up_match_brute_force(monkeypatch, parallel_above):
+    # A cell longer than a chunk is read in pieces (on all threads, or on one); the pool fills and
+    # is closed up. Chunks of 50 entries make both happen on a few thousand points.
+    monkeypatch.setattr(coreset, "CHUNK", 50)
+    monkeypatch.setattr(coreset, "PARALLEL_READ_POINTS", parallel_above)
+    generator = torch.Generator().manual_seed(23)
+    centres = torch.randn(25, 10, generator=generator) * 4
+    cloud = (centres[torch.randint(25, (5000,), generator=generator)] + 0.3 * torch.randn(5000, 10, generator=generator)).half()
+    cloud[4000:4100] = cloud[:100]  # exact duplicates: ties go to the lowest index
+    picks, counts = cpu_loop_with_counts(cloud, 400, seed=4)
+    assert picks == brute_force_greedy(cloud.float(), 400, picks[0])
+    assert counts["close_ups"] >= 1
+
+
+def test_thousands_of_picks_on_clustered_data_are_exact_and_pruned():
+    # Many picks on clustered points: each the farthest (float64), and the pruning skips most of
+    # the work of the plain loop (a distance from every point to every pick).
+    generator = torch.Generator().manual_seed(31)
+    centres = torch.randn(300, 16, generator=generator) * 3
+    cloud = centres[torch.randint(300, (40000,), generator=generator)] + 0.5 * torch.randn(40000, 16, generator=generator)
+    picks, counts = cpu_loop_with_counts(cloud, 3000, seed=0)
+    assert_each_pick_is_the_farthest(cloud.half(), picks)
+    assert len(set(picks)) == 3000
+    plain_work = 40000 * 3000
+    assert counts["entries_read"] < 0.2 * plain_work
+    assert counts["distances"] < 0.1 * plain_work
+
+
+@pytest.fixture(scope="module")
+def bottle_projection(data_root) -> torch.Tensor:
+    """The float16 projection a fit hands the selection: MobileNetV2 patches of 12 bottle images."""
+    from patchcore.model import PatchCore
+
+    images = sorted((data_root / "mvtec_ad" / "bottle" / "train" / "good").glob("*.png"))[:12]
+    model = PatchCore("mobilenet_v2", progress=False)
+    model._begin_fit(images)
+    patches = model._extract_patches(images, "training")
+    patches.close()
+    return patches.points
+
+
+def test_each_pick_on_real_patch_features_is_the_farthest(bottle_projection):
+    # Real patches sit in tight clusters where the skip rules decide most of the work: an unsound
+    # rule (say 3 r instead of 2 r) changes picks here, where random data would not notice.
+    count = 1500
+    picks, counts = cpu_loop_with_counts(bottle_projection, count, seed=0)
+    assert_each_pick_is_the_farthest(bottle_projection, picks)
+    assert counts["distances"] < 0.25 * len(bottle_projection) * count
