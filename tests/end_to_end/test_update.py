@@ -1,6 +1,7 @@
 """`patchcore fit --update`: add good images to a model without refitting, safely."""
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -82,17 +83,46 @@ def test_a_failure_while_writing_leaves_the_old_model(fitted, tmp_path, monkeypa
     assert PatchCore.load(copy, progress=False).memory_bank_.shape[0] > 0
 
 
-def test_a_killed_update_leaves_a_loadable_model(fitted, tmp_path):
+def read_until(process: subprocess.Popen, marker: bytes, timeout: float) -> bytes:
+    """The process's stderr up to and including the first ``marker``; fails after ``timeout`` s
+    or when the process ends first. Progress bars redraw with carriage returns, not newlines,
+    so the pipe is read in raw chunks as they come."""
+    seen, deadline = b"", time.monotonic() + timeout
+    descriptor = process.stderr.fileno()
+    while marker not in seen:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([descriptor], [], [], left)[0]:
+            os.killpg(process.pid, signal.SIGKILL)
+            pytest.fail(f"no {marker!r} on stderr within {timeout} s: {seen.decode(errors='replace')[-2000:]}")
+        chunk = os.read(descriptor, 65536)
+        if not chunk:
+            pytest.fail(f"the process ended (status {process.wait()}) before {marker!r}: {seen.decode(errors='replace')[-2000:]}")
+        seen += chunk
+    return seen
+
+
+def test_a_killed_update_leaves_the_old_model_and_nothing_else(fitted, tmp_path):
     model_file, later = fitted
     copy = tmp_path / "m.safetensors"
     original = model_file.read_bytes()
     copy.write_bytes(original)
-    command = [sys.executable, "-m", "patchcore.cli", "fit", str(later), "--out", str(copy), "--update", "--quiet"]
-    process = subprocess.Popen(command, start_new_session=True)
-    time.sleep(2.5)  # mid-way: starting, loading, extracting or selecting
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    # Whatever it was doing, the file is the old model or the complete new one, never a broken one.
-    model = PatchCore.load(copy, progress=False)
-    if copy.read_bytes() != original:
-        assert model.num_fit_images_ == PatchCore.load(model_file, progress=False).num_fit_images_ + 12
+    # Progress bars on (no --quiet), the temporary features in tmp_path, so that any leftover shows.
+    command = [sys.executable, "-m", "patchcore.cli", "fit", str(later), "--out", str(copy), "--update", "--temp-dir", str(tmp_path)]
+    process = subprocess.Popen(command, start_new_session=True, stderr=subprocess.PIPE)
+    try:
+        # The coreset bar starts once every new image's features are on disk: the update is then
+        # mid-way, with the bank not yet grown, scored or written. A fixed sleep could land before
+        # the model had even loaded on a busy machine.
+        read_until(process, b"coreset", timeout=300)
+        assert process.poll() is None, "the update finished before it could be killed"
+        os.killpg(process.pid, signal.SIGKILL)
+        assert process.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        process.stderr.close()
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    # Killed mid-way: the old model, byte for byte, and no partial model or features file beside it.
+    assert copy.read_bytes() == original
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+    assert PatchCore.load(copy, progress=False).num_fit_images_ == 20

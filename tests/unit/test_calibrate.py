@@ -123,3 +123,39 @@ def test_bad_good_scores_are_refused():
         order_statistic_cut(np.array([1.0, math.nan]), 0.05)
     with pytest.raises(ValueError, match="3 good scores but 2 map peaks"):
         calibrate(np.arange(3.0), np.arange(2.0), 1.0)
+
+
+# Concrete, skewed scores whose order statistics are known by construction, handed over shuffled
+# (training order): X_(k) = k^2, k = 1..20 (mean 143.5), and 10 k + 1, k = 1..19, then 1001 (mean
+# 146). Every cut below is far from the mean.
+SQUARES = np.random.default_rng(4).permutation(np.arange(1.0, 21.0) ** 2)
+PEAKS = np.random.default_rng(5).permutation(np.append(10.0 * np.arange(1.0, 20.0) + 1.0, 1001.0))
+
+
+@pytest.mark.parametrize(
+    "rate, image_cut, pixel_cut",
+    [
+        (0.1, 324.0 + 0.9 * (361.0 - 324.0), 181.0 + 0.9 * 10.0),  # j = 21 x 0.9 = 18.9: 0.9 of the way from X_(18) to X_(19)
+        (0.25, 225.0 + 0.75 * (256.0 - 225.0), 151.0 + 0.75 * 10.0),  # j = 21 x 0.75 = 15.75
+        (0.5, 100.0 + 0.5 * (121.0 - 100.0), 101.0 + 0.5 * 10.0),  # j = 10.5: between the two middle scores
+        (0.05, 361.0 + 0.95 * (400.0 - 361.0), 191.0 + 0.95 * (1001.0 - 191.0)),  # j = 19.95: just below the largest
+    ],
+)
+def test_calibrate_cuts_at_the_interpolated_order_statistic_not_the_mean(rate, image_cut, pixel_cut):
+    calibration = calibrate(SQUARES, PEAKS, 0.5, rate)
+    assert calibration.image_threshold == pytest.approx(image_cut, rel=1e-12)
+    assert calibration.pixel_threshold == pytest.approx(pixel_cut, rel=1e-12)
+    assert calibration.image_good_mean == pytest.approx(143.5) and calibration.pixel_good_mean == 0.5
+    assert calibration.expected_false_alarm_rate == pytest.approx(rate, rel=1e-12)  # (n + 1 - j) / (n + 1)
+    assert order_statistic_cut(SQUARES, rate).value == pytest.approx(image_cut, rel=1e-12)
+    assert order_statistic_cut(PEAKS, rate).value == pytest.approx(pixel_cut, rel=1e-12)
+    # Moving the cut later lands on the same numbers.
+    assert calibrate(SQUARES, PEAKS, 0.5, 0.3).at_rate(rate).image_threshold == pytest.approx(image_cut, rel=1e-12)
+
+
+def test_with_too_few_images_calibrate_cuts_at_the_highest_scores():
+    # n = 5 at 5%: j = 6 x 0.95 = 5.7 is past the last order statistic, so the cut is the largest.
+    scores, peaks = np.array([3.0, 1.0, 9.25, 1.5, 4.0]), np.array([7.0, 2.0, 2.5, 1.0, 3.0])
+    calibration = calibrate(scores, peaks, 0.5, 0.05)
+    assert (calibration.image_threshold, calibration.pixel_threshold) == (9.25, 7.0)  # means: 3.75 and 3.1
+    assert calibration.expected_false_alarm_rate == pytest.approx(1 / 6)

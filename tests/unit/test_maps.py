@@ -56,3 +56,29 @@ def test_a_non_square_map_equals_interpolation_then_torchvisions_gaussian_blur()
     maps = anomaly_maps(scores, (96, 400))
     assert maps.shape == (2, 96, 400)
     assert torch.allclose(maps, expected, atol=1e-5)
+
+
+def _paper_gaussian(sigma: float = 4.0, radius: int = 16) -> torch.Tensor:
+    """The paper's blur written out here, not taken from maps.py: taps exp(-x^2 / 2 sigma^2), summing to 1."""
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    taps = torch.exp(-(x**2) / (2 * sigma**2))
+    return taps / taps.sum()
+
+
+def test_map_equals_a_direct_float64_upsample_and_sigma_4_blur():
+    # Independent of maps.py and of torchvision: upsample bilinearly, mirror the borders, then
+    # convolve with a 33 x 33 sigma-4 Gaussian (separable, so the outer product of two 1-D ones).
+    import torch.nn.functional as F
+
+    scores = torch.rand(2, 9, 13, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    upsampled = F.interpolate(scores[:, None], size=(72, 104), mode="bilinear", align_corners=False)
+    taps = _paper_gaussian()
+    kernel = (taps[:, None] * taps[None, :])[None, None]  # (1, 1, 33, 33)
+    expected = F.conv2d(F.pad(upsampled, (16, 16, 16, 16), mode="reflect"), kernel)[:, 0]
+    maps = anomaly_maps(scores.float(), (72, 104))
+    assert maps.shape == expected.shape == (2, 72, 104)
+    assert float((maps.double() - expected).abs().max()) < 1e-5
+    # The same blur at sigma 3 differs by far more than that: the comparison pins sigma.
+    taps3 = _paper_gaussian(3.0, 12)
+    blur3 = F.conv2d(F.pad(upsampled, (12, 12, 12, 12), mode="reflect"), (taps3[:, None] * taps3[None, :])[None, None])[:, 0]
+    assert float((blur3 - expected).abs().max()) > 1e-3

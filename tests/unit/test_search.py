@@ -80,10 +80,49 @@ def test_image_scores_follow_eq7():
     distances, nearest = index.search(features.reshape(-1, 8), k=1)
     scores = reweighted_image_scores(index, features, distances[:, 0].reshape(3, 64), nearest[:, 0].reshape(3, 64), num_neighbors=9)
     assert torch.allclose(scores.double(), brute_force_eq7(bank, features, 9).double(), atol=1e-4)
-    # m* is the nearest bank entry, so every neighbour is at least s* away and the weight lies in
-    # [1 - 1/b, 1): the image score is below the largest patch score, and not far below.
+    # m* is the nearest bank entry, so each of the b neighbours is at least s* away: every term of
+    # the sum is >= exp(s*), the ratio lies in (0, 1/b] and the weight in [1 - 1/b, 1). The image
+    # score is below the largest patch score, and not far below.
     top = distances[:, 0].reshape(3, 64).max(dim=1).values
     assert bool((scores < top).all()) and bool((scores >= (1 - 1 / 9) * top - 1e-5).all())
+
+
+def eq7_inputs(bank: torch.Tensor, features: torch.Tensor) -> tuple[NearestNeighbourIndex, torch.Tensor, torch.Tensor]:
+    """The index and the (B, P) patch scores and nearest entries that scoring hands to eq. 7."""
+    index = NearestNeighbourIndex(bank)
+    images, patches, dims = features.shape
+    distances, nearest = index.search(features.reshape(-1, dims), k=1)
+    return index, distances[:, 0].reshape(images, patches), nearest[:, 0].reshape(images, patches)
+
+
+@pytest.mark.parametrize("b", [2, 3, 5, 9, 20])
+def test_the_eq7_weight_lies_in_one_minus_one_over_b_to_one(b):
+    # The weight is the image score over the largest patch score; checked against float64 eq. 7.
+    bank = make_bank(300, 6, seed=14)
+    features = 2.0 * make_bank(4 * 32, 6, seed=15).reshape(4, 32, 6)
+    index, patch, nearest = eq7_inputs(bank, features)
+    scores = reweighted_image_scores(index, features, patch, nearest, num_neighbors=b)
+    expected = brute_force_eq7(bank, features, b)
+    assert torch.allclose(scores.double(), expected, rtol=1e-5, atol=1e-6)
+    weights = scores.double() / patch.max(dim=1).values.double()
+    assert bool((weights >= 1 - 1 / b - 1e-6).all()) and bool((weights < 1).all())
+    # Strictly inside here (no two neighbours tie): an unweighted score would sit on 1.
+    assert float(weights.max()) < 1 - 1e-3
+
+
+@pytest.mark.parametrize("b", [2, 4, 9])
+def test_the_eq7_weight_is_one_minus_one_over_b_when_all_neighbours_are_equally_far(b):
+    # Bank: r e_1 .. r e_9 (pairwise r sqrt 2 apart) and entries far away. A test patch at the
+    # origin is r from each of the nine, so whichever is m*, its b nearest entries (itself and
+    # b - 1 of the others) are all r from the patch: the sum is b exp(r) and s = (1 - 1/b) r.
+    r = 2.0
+    bank = torch.cat([r * torch.eye(9), 100.0 + make_bank(50, 9, seed=16)])
+    features = torch.cat([torch.zeros(1, 9), bank[[3, 20, 41]]])[None]  # the others sit on bank entries: score 0
+    index, patch, nearest = eq7_inputs(bank, features)
+    assert patch[0].tolist() == [r, 0.0, 0.0, 0.0]
+    scores = reweighted_image_scores(index, features, patch, nearest, num_neighbors=b)
+    assert float(scores[0]) == pytest.approx((1 - 1 / b) * r, rel=1e-6)
+    assert float(brute_force_eq7(bank, features, b)[0]) == pytest.approx((1 - 1 / b) * r, rel=1e-12)
 
 
 def test_one_neighbour_gives_the_plain_largest_patch_score():
