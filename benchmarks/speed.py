@@ -73,12 +73,28 @@ def rerun_anomalib(data: Path) -> dict:
 
 
 def reference_greedy(points, count, seed=0, on_progress=None, initial_centres=None):
-    """The plain loop: one full float32 distance pass over all points per pick (anomalib's way)."""
-    from patchcore.coreset import _greedy_plain, _nearest_initial_centres
+    """The plain loop as anomalib writes it: one full float32 distance pass over all points per
+    pick, the distances as |x|^2 - 2 x.c + |c|^2 by a matrix-vector product."""
+    import torch
+
+    from patchcore.coreset import _nearest_initial_centres
 
     points = points.float()
-    start = None if initial_centres is None else _nearest_initial_centres(points, initial_centres.float())
-    return _greedy_plain(points, count, seed, on_progress, start).cpu()
+    norms = points.square().sum(dim=1)
+    if initial_centres is None:
+        pick = int(torch.randint(points.shape[0], (1,), generator=torch.Generator().manual_seed(seed)))
+        nearest = torch.full((points.shape[0],), float("inf"), device=points.device)
+    else:
+        nearest = _nearest_initial_centres(points, initial_centres.float())[0].clone()
+        pick = int(torch.argmax(nearest))
+    picks = []
+    for _ in range(count):
+        picks.append(pick)
+        torch.minimum(nearest, torch.addmv(norms, points, points[pick], alpha=-2.0).add_(norms[pick]), out=nearest)
+        pick = int(torch.argmax(nearest))
+        if on_progress is not None:
+            on_progress(1)
+    return torch.tensor(picks)
 
 
 class ReferenceSearch:
@@ -105,7 +121,7 @@ class ReferenceSearch:
 
 
 def reference_maps(patch_scores, size_hw, sigma=4.0):
-    """Upsample with F.interpolate, blur with torchvision's 2-D Gaussian (33 x 33 kernel)."""
+    """Upsample with F.interpolate (bilinear, as patchcore; anomalib's default is nearest), blur with torchvision's 2-D Gaussian (33 x 33 kernel)."""
     import torch.nn.functional as F
     from torchvision.transforms.v2.functional import gaussian_blur
 

@@ -3,17 +3,102 @@
 from __future__ import annotations
 
 import faiss
+import numba
+import numpy as np
 import torch
 
 
 INDEX_KINDS = ("exact", "ivf")
 
 
+class LowerBoundIndex:
+    """Certified lower bounds of the squared distances from queries to every bank entry, from
+    the bank's leading principal components.
+
+    Rotated onto the bank's principal axes (an orthonormal basis: distances do not change), a
+    vector splits into its ``k`` leading coordinates x_k and the rest x_r, and
+
+        ||q - b||^2 = ||q_k - b_k||^2 + ||q_r - b_r||^2 >= ||q_k - b_k||^2 + (|q_r| - |b_r|)^2,
+
+    the squared distance between the (k + 1)-vectors [q_k, |q_r|] and [b_k, |b_r|]: one matrix
+    product in k + 1 dimensions bounds every entry. Patch features keep most of their spread in
+    few components, so the bound is tight: only the few entries whose bound is below the best
+    distance found so far need measuring in full, and the nearest is certain.
+    """
+
+    def __init__(self, bank: torch.Tensor, components: int) -> None:
+        self.mean = bank.double().mean(dim=0)
+        centred = bank.float() - self.mean.float()
+        # Principal axes: eigenvectors of the scatter matrix, largest variance first. Any
+        # orthonormal axes give true bounds (float64 eigh keeps them orthonormal); the leading
+        # ones of the data give tight ones, and float32 is plenty to find those.
+        _, vectors = torch.linalg.eigh((centred.T @ centred).double())
+        self.axes = vectors.flip(dims=[1])[:, :components].contiguous()
+        self.reduced_bank = self.reduce(bank)
+        self.bank_norms = self.reduced_bank.square().sum(dim=1)
+
+    def reduce(self, vectors: torch.Tensor) -> torch.Tensor:
+        """[x_k, |x_r|] in float32, computed in float64 (|x_r|^2 = |x|^2 - |x_k|^2, Pythagoras)."""
+        centred = vectors.double() - self.mean
+        leading = centred @ self.axes
+        rest = (centred.square().sum(dim=1) - leading.square().sum(dim=1)).clamp_(min=0).sqrt_()
+        return torch.cat([leading, rest[:, None]], dim=1).float()
+
+    def bounds(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Q, M) lower bounds, and each query's rounding allowance: the bounds are float32 from
+        |q|^2 - 2 q.b + |b|^2, trusted only to within :data:`BOUND_ALLOWANCE` of those lengths."""
+        reduced = self.reduce(queries)
+        norms = reduced.square().sum(dim=1)
+        bounds = torch.addmm(self.bank_norms[None, :], reduced, self.reduced_bank.T, alpha=-2.0).add_(norms[:, None])
+        return bounds, BOUND_ALLOWANCE * (norms + self.bank_norms.max())
+
+
+#: relative rounding allowance of a lower bound, against the squared lengths it is computed from:
+#: float32 rounding of |q|^2 - 2 q.b + |b|^2 over k + 1 terms stays far below 1e-5 of them
+BOUND_ALLOWANCE = 1e-5
+
+
+@numba.njit(fastmath={"reassoc", "contract"}, cache=True)
+def _squared_distance(bank, j, query):  # pragma: no cover - compiled
+    total = np.float32(0.0)
+    for k in range(query.shape[0]):
+        diff = bank[j, k] - query[k]
+        total += diff * diff
+    return total
+
+
+@numba.njit(parallel=True, cache=True)
+def _nearest_within_bounds(bounds, allowance, bank, queries, nearest, measured):  # pragma: no cover - compiled
+    """Each query's nearest entry: start from the entry of lowest bound, then measure in full only
+    the entries whose bound (less the allowance) does not exceed the best distance so far."""
+    for q in numba.prange(bounds.shape[0]):
+        row, query = bounds[q], queries[q]
+        where = 0
+        for j in range(1, row.shape[0]):
+            if row[j] < row[where]:
+                where = j
+        best = _squared_distance(bank, where, query)
+        count = 1
+        for j in range(row.shape[0]):
+            # d(q, j)^2 >= bound - allowance > best: j cannot be nearer (kept exact: no ties lost).
+            if j != where and row[j] - allowance[q] <= best:
+                distance = _squared_distance(bank, j, query)
+                count += 1
+                if distance < best or (distance == best and j < where):
+                    best, where = distance, j
+        nearest[q] = where
+        measured[q] = count
+
+
 class NearestNeighbourIndex:
     """L2 nearest-neighbour search over the memory bank.
 
-    ``exact`` (the default): on the CPU faiss's ``IndexFlatL2`` (blocked BLAS, bounded memory),
-    on a GPU a chunked matrix product in torch, so that no second GPU library is needed.
+    ``exact`` (the default): on the CPU, each query's nearest entry is found by bounds from the
+    bank's leading principal components (:class:`LowerBoundIndex`): every entry is bounded in a
+    few dimensions and only those the bounds cannot rule out are measured in full, so the answer
+    is the full scan's, at a fraction of its cost (``bounds=False``: the full scan, faiss's
+    ``IndexFlatL2``, which also serves k > 1 and leave-one-out searches). On a GPU a chunked
+    matrix product in torch, so that no second GPU library is needed.
 
     ``ivf`` (approximate, CPU): faiss's ``IndexIVFFlat``. The bank is split by k-means into about
     2 sqrt(M) cells and each query scans the :data:`IVF_PROBES` cells nearest to it. Patch
@@ -26,7 +111,7 @@ class NearestNeighbourIndex:
     #: cells an approximate (IVF) query visits
     IVF_PROBES = 8
 
-    def __init__(self, bank: torch.Tensor, kind: str = "exact") -> None:
+    def __init__(self, bank: torch.Tensor, kind: str = "exact", bounds: bool = True) -> None:
         if kind not in INDEX_KINDS:
             raise ValueError(f"unknown index {kind!r}; choose one of: {', '.join(INDEX_KINDS)}")
         self.bank = bank.float().contiguous()
@@ -45,6 +130,11 @@ class NearestNeighbourIndex:
         elif self.device.type == "cpu":
             self._faiss = faiss.IndexFlatL2(dims)
             self._faiss.add(self.bank.numpy())
+            # Built on the first search that uses it (a fit's leave-one-out scoring does not).
+            self._bounds: LowerBoundIndex | None = None
+            self._bounded = bounds and leading_components(dims) > 0
+            #: queries searched by their bounds, and the bank entries measured in full for them
+            self.queries_bounded = self.entries_measured = 0
         else:
             self._squared_norms = self.bank.square().sum(dim=1)
 
@@ -63,6 +153,8 @@ class NearestNeighbourIndex:
         queries = queries.to(self.device, torch.float32).contiguous()
         if exclude is not None:
             squared, indices = self._search_excluding(queries, k, *exclude)
+        elif k == 1 and getattr(self, "_bounded", False):
+            indices = self._certified_nearest(queries)
         elif hasattr(self, "_faiss"):
             k = min(k, len(self))
             squared, indices = self._faiss.search(queries.numpy(), k)
@@ -75,6 +167,23 @@ class NearestNeighbourIndex:
         else:
             squared, indices = matmul_search(self.bank, self._squared_norms, queries, min(k, len(self)), self._chunk_rows())
         return self._exact_distances(queries, indices.long())
+
+    def _certified_nearest(self, queries: torch.Tensor) -> torch.Tensor:
+        """Each query's nearest bank entry (Q, 1), exactly, measuring in full only the entries
+        that the principal-component bounds cannot rule out (:class:`LowerBoundIndex`)."""
+        if self._bounds is None:
+            self._bounds = LowerBoundIndex(self.bank, leading_components(self.bank.shape[1]))
+        nearest = np.empty(len(queries), dtype=np.int64)
+        measured = np.empty(len(queries), dtype=np.int64)
+        rows = max(1, BOUND_CHUNK_ELEMENTS // len(self))
+        bank = self.bank.numpy()
+        for first in range(0, len(queries), rows):
+            chunk = queries[first : first + rows]
+            bounds, allowance = self._bounds.bounds(chunk)
+            _nearest_within_bounds(bounds.numpy(), allowance.float().numpy(), bank, chunk.numpy(), nearest[first : first + rows], measured[first : first + rows])
+        self.queries_bounded += len(queries)
+        self.entries_measured += int(measured.sum())
+        return torch.from_numpy(nearest)[:, None]
 
     def _exact_distances(self, queries: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Distances to the entries found, computed again as ||q - b||, nearest first.
@@ -112,6 +221,22 @@ class NearestNeighbourIndex:
 
     def _chunk_rows(self) -> int:
         return max(1, self.GPU_CHUNK_ELEMENTS // len(self))
+
+
+#: bounds per chunk of queries (2^24 floats = 64 MB)
+BOUND_CHUNK_ELEMENTS = 2**24
+
+
+#: principal components the bounds use (Wide ResNet-50's 1536-d features: 12x fewer dimensions)
+BOUND_COMPONENTS = 128
+#: narrower features are searched by the full scan: at 128 dimensions (MobileNetV2) the bounds,
+#: at a quarter of the width, cost as much as faiss's scan (measured: benchmarks/search.py)
+BOUNDED_MIN_DIMS = 4 * BOUND_COMPONENTS
+
+
+def leading_components(dims: int) -> int:
+    """Principal components the bounded search uses for features of ``dims``: 0 when it does not pay."""
+    return BOUND_COMPONENTS if dims >= BOUNDED_MIN_DIMS else 0
 
 
 def matmul_search(

@@ -239,3 +239,45 @@ def test_each_images_bank_entries_are_one_run_of_the_sorted_picks():
     picks = np.array([0, 5, 9, 10, 15, 29, 31])  # rows of 3 images of 10 patches, then a 4th of 5
     starts = np.array([0, 10, 20, 30, 35])
     assert own_runs(picks, starts).tolist() == [0, 3, 5, 6, 7]  # image 2 owns only row 29
+
+
+def clustered_features(count: int, dims: int, seed: int) -> torch.Tensor:
+    """Points spread like patch features: clusters, with a spread that falls off over the
+    directions as a CNN's does (so a nearest entry can still differ beyond the leading axes)."""
+    generator = torch.Generator().manual_seed(seed)
+    scales = 4.0 / (1.0 + torch.arange(dims) / 4.0)
+    centres = torch.randn(40, dims, generator=generator) * scales
+    spread = torch.randn(count, dims, generator=generator) * scales * 0.3
+    return 5.0 + centres[torch.randint(40, (count,), generator=generator)] + spread
+
+
+@pytest.mark.parametrize("dims, components", [(64, 16), (512, 128), (1536, 128)])
+def test_the_bounded_search_finds_the_exact_nearest_entry_measuring_few(monkeypatch, dims, components):
+    # The exact CPU index bounds every entry from the bank's leading principal components and
+    # measures in full only those it cannot rule out: the answer must be brute force's.
+    from patchcore import search
+
+    monkeypatch.setattr(search, "BOUND_COMPONENTS", components)
+    monkeypatch.setattr(search, "BOUNDED_MIN_DIMS", min(dims, 4 * components))
+    bank, queries = clustered_features(3000, dims, seed=1), clustered_features(500, dims, seed=2)
+    queries[:40] = bank[100:140]  # exact hits: distance 0
+    index = NearestNeighbourIndex(bank)
+    distances, indices = index.search(queries, k=1)
+    exact = torch.cdist(queries.double(), bank.double(), compute_mode="donot_use_mm_for_euclid_dist")
+    expected, expected_indices = exact.min(dim=1)
+    assert torch.equal(indices[:, 0], expected_indices)
+    assert float(((distances[:, 0].double() - expected).abs() / expected.clamp(min=1e-12)).max()) < 1e-5
+    assert float(distances[:40].max()) == 0.0
+    # Every query was bounded, and far fewer entries measured than a full scan's 3,000 each.
+    assert index.queries_bounded == 500
+    assert index.entries_measured < 0.1 * 500 * 3000
+
+
+def test_narrow_features_are_searched_by_the_full_scan():
+    # At MobileNetV2's 128 dimensions the bounds cost as much as the scan: not used.
+    index = NearestNeighbourIndex(clustered_features(500, 128, seed=1))
+    index.search(clustered_features(50, 128, seed=2), k=1)
+    assert index.queries_bounded == 0
+    wide = NearestNeighbourIndex(clustered_features(500, 1536, seed=1))
+    wide.search(clustered_features(50, 1536, seed=2), k=1)
+    assert wide.queries_bounded == 50
