@@ -68,20 +68,21 @@ def _squared_distance(bank, j, query):  # pragma: no cover - compiled
 
 
 @numba.njit(parallel=True, cache=True)
-def _nearest_within_bounds(bounds, allowance, bank, queries, nearest, measured):  # pragma: no cover - compiled
-    """Each query's nearest entry: start from the entry of lowest bound, then measure in full only
-    the entries whose bound (less the allowance) does not exceed the best distance so far."""
+def _nearest_within_bounds(bounds, allowance, bank, queries, skip_start, skip_stop, nearest, measured):  # pragma: no cover - compiled
+    """Each query's nearest entry, entries skip_start..skip_stop-1 left out: start from the entry
+    of lowest bound, then measure in full only the entries whose bound (less the allowance) does
+    not exceed the best distance so far."""
     for q in numba.prange(bounds.shape[0]):
         row, query = bounds[q], queries[q]
-        where = 0
-        for j in range(1, row.shape[0]):
-            if row[j] < row[where]:
+        where = -1
+        for j in range(row.shape[0]):
+            if (j < skip_start or j >= skip_stop) and (where < 0 or row[j] < row[where]):
                 where = j
         best = _squared_distance(bank, where, query)
         count = 1
         for j in range(row.shape[0]):
             # d(q, j)^2 >= bound - allowance > best: j cannot be nearer (kept exact: no ties lost).
-            if j != where and row[j] - allowance[q] <= best:
+            if j != where and (j < skip_start or j >= skip_stop) and row[j] - allowance[q] <= best:
                 distance = _squared_distance(bank, j, query)
                 count += 1
                 if distance < best or (distance == best and j < where):
@@ -151,10 +152,10 @@ class NearestNeighbourIndex:
         Indices still count in the whole bank.
         """
         queries = queries.to(self.device, torch.float32).contiguous()
-        if exclude is not None:
+        if k == 1 and getattr(self, "_bounded", False):
+            indices = self._certified_nearest(queries, exclude)
+        elif exclude is not None:
             squared, indices = self._search_excluding(queries, k, *exclude)
-        elif k == 1 and getattr(self, "_bounded", False):
-            indices = self._certified_nearest(queries)
         elif hasattr(self, "_faiss"):
             k = min(k, len(self))
             squared, indices = self._faiss.search(queries.numpy(), k)
@@ -168,9 +169,13 @@ class NearestNeighbourIndex:
             squared, indices = matmul_search(self.bank, self._squared_norms, queries, min(k, len(self)), self._chunk_rows())
         return self._exact_distances(queries, indices.long())
 
-    def _certified_nearest(self, queries: torch.Tensor) -> torch.Tensor:
+    def _certified_nearest(self, queries: torch.Tensor, exclude: tuple[int, int] | None = None) -> torch.Tensor:
         """Each query's nearest bank entry (Q, 1), exactly, measuring in full only the entries
-        that the principal-component bounds cannot rule out (:class:`LowerBoundIndex`)."""
+        that the principal-component bounds cannot rule out (:class:`LowerBoundIndex`);
+        entries ``exclude`` = (start, stop) left out."""
+        start, stop = exclude if exclude is not None else (0, 0)
+        if len(self) - (stop - start) < 1:
+            raise ValueError("leaving those entries out leaves an empty memory bank")
         if self._bounds is None:
             self._bounds = LowerBoundIndex(self.bank, leading_components(self.bank.shape[1]))
         nearest = np.empty(len(queries), dtype=np.int64)
@@ -180,7 +185,7 @@ class NearestNeighbourIndex:
         for first in range(0, len(queries), rows):
             chunk = queries[first : first + rows]
             bounds, allowance = self._bounds.bounds(chunk)
-            _nearest_within_bounds(bounds.numpy(), allowance.float().numpy(), bank, chunk.numpy(), nearest[first : first + rows], measured[first : first + rows])
+            _nearest_within_bounds(bounds.numpy(), allowance.float().numpy(), bank, chunk.numpy(), start, stop, nearest[first : first + rows], measured[first : first + rows])
         self.queries_bounded += len(queries)
         self.entries_measured += int(measured.sum())
         return torch.from_numpy(nearest)[:, None]

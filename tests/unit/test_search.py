@@ -281,3 +281,21 @@ def test_narrow_features_are_searched_by_the_full_scan():
     wide = NearestNeighbourIndex(clustered_features(500, 1536, seed=1))
     wide.search(clustered_features(50, 1536, seed=2), k=1)
     assert wide.queries_bounded == 50
+
+
+def test_the_bounded_search_leaves_entries_out_exactly():
+    # Leave-one-image-out scoring with wide features: the run of entries left out is never
+    # found, even for queries that are those very entries, and the rest is brute force's.
+    bank, queries = clustered_features(2000, 512, seed=3), clustered_features(300, 512, seed=4)
+    queries[:30] = bank[500:530]
+    index = NearestNeighbourIndex(bank)
+    distances, indices = index.search(queries, k=1, exclude=(480, 560))
+    assert index.queries_bounded == 300
+    exact = torch.cdist(queries.double(), bank.double(), compute_mode="donot_use_mm_for_euclid_dist")
+    exact[:, 480:560] = float("inf")
+    expected, expected_indices = exact.min(dim=1)
+    assert torch.equal(indices[:, 0], expected_indices)
+    assert not bool(((indices >= 480) & (indices < 560)).any())
+    assert float(((distances[:, 0].double() - expected).abs() / expected).max()) < 1e-5
+    with pytest.raises(ValueError, match="leaving those entries out leaves an empty memory bank"):
+        index.search(queries[:2], k=1, exclude=(0, 2000))
