@@ -22,7 +22,9 @@ patch's nearest distance (relative difference), the nearest entry, and the image
 Wide ResNet-50's ImageNet weights cannot be had on this project's machine: without
 ``--wrn-weights`` it runs with seeded random weights (torch.manual_seed(0)), so its times and
 bank size hold but its feature distribution, which sets how tight the bounds are, is not
-that of the pretrained network. Results go to search.json and search.md.
+that of the pretrained network. Before the test images, the first ``--left-out-images`` (20)
+training images are scored leave-one-out, as a fit's calibration scores them, with each index
+(timed per image, alternating). Results go to search.json and search.md.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import torch
 
 from patchcore import PatchCore
 from patchcore.data import training_images
+from patchcore.model import own_runs
 from patchcore.search import NearestNeighbourIndex, leading_components, reweighted_image_scores
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,13 +59,32 @@ def model_for(backbone: str, weights: Path | None, scratch: Path) -> PatchCore:
     return PatchCore(backbone, progress=False, weights=None if weights is None else str(weights))
 
 
-def bank_of(model: PatchCore, images: list[Path]) -> torch.Tensor:
-    """The memory bank a fit would make (features, 10% coreset), without its calibration."""
+def bank_and_left_out(model: PatchCore, images: list[Path], left_out_images: int) -> tuple[torch.Tensor, dict]:
+    """The memory bank a fit would make (features, 10% coreset), and the seconds of the first
+    ``left_out_images`` training images' leave-one-out scoring (a fit's calibration) with the
+    bounded and the full-scan index, alternating image by image, and the largest relative
+    difference of their scores."""
     sizes = model._begin_fit(images)
     patches = model._extract_patches(images, "features", sizes)
     try:
         picks = model._select_coreset(patches.points, model._bank_entries(len(patches.points)))
-        return patches.gather(picks).float()
+        bank = patches.gather(picks).float()
+        runs = own_runs(picks.numpy(), patches.starts)
+        indexes = {"bounded": NearestNeighbourIndex(bank), "full": NearestNeighbourIndex(bank, bounds=False)}
+        indexes["bounded"].search(bank[:1], k=1)  # builds the bounds and compiles the scan before the timing
+        seconds = {"bounded": [], "full": []}
+        scores: dict[str, list[float]] = {"bounded": [], "full": []}
+        for image in range(min(left_out_images, len(patches.sources))):
+            for name in ("bounded", "full") if image % 2 == 0 else ("full", "bounded"):
+                model.index_ = indexes[name]
+                started = time.perf_counter()
+                score, *_ = model._left_out(patches, image, (int(runs[image]), int(runs[image + 1])))
+                seconds[name].append(time.perf_counter() - started)
+                scores[name].append(score)
+        gap = max(abs(a - b) / abs(b) for a, b in zip(scores["bounded"], scores["full"]))
+        left_out = {"images": len(seconds["full"]), "median_ms": {name: 1000 * statistics.median(values) for name, values in seconds.items()},
+                    "worst_relative_score_difference": gap}
+        return bank, left_out
     finally:
         patches.close()
 
@@ -77,11 +99,11 @@ def search_and_eq7(model: PatchCore, index: NearestNeighbourIndex, features: tor
     return scores, distances[:, 0], nearest[:, 0], time.perf_counter() - started
 
 
-def run(backbone: str, weights: Path | None, data: Path, scratch: Path, check_every: int) -> dict:
+def run(backbone: str, weights: Path | None, data: Path, scratch: Path, check_every: int, left_out_images: int) -> dict:
     bottle = data / "mvtec_ad" / "bottle"
     model = model_for(backbone, weights, scratch)
     started = time.perf_counter()
-    bank = bank_of(model, training_images(bottle))
+    bank, left_out = bank_and_left_out(model, training_images(bottle), left_out_images)
     bank_seconds = time.perf_counter() - started
     started = time.perf_counter()
     bounded = NearestNeighbourIndex(bank)
@@ -125,7 +147,7 @@ def run(backbone: str, weights: Path | None, data: Path, scratch: Path, check_ev
         "entries_measured_per_query": bounded.entries_measured / max(1, bounded.queries_bounded),
         "queries_bounded": bounded.queries_bounded, "patches_checked_against_float64": checked,
         "true_nearest_entry_share": {name: count / checked for name, count in true_entries.items()},
-        "worst_relative_distance_error": worst, "worst_relative_score_difference": score_gap,
+        "worst_relative_distance_error": worst, "worst_relative_score_difference": score_gap, "leave_one_out": left_out,
     }
 
 
@@ -133,6 +155,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbones", nargs="+", default=["mobilenet_v2", "wide_resnet50_2"])
     parser.add_argument("--wrn-weights", type=Path, help="Wide ResNet-50 weights file (default: seeded random weights)")
+    parser.add_argument("--left-out-images", type=int, default=20, help="training images scored leave-one-out with each index (a fit's calibration)")
     parser.add_argument("--check-every", type=int, default=10, help="check every n-th test image against float64 brute force")
     parser.add_argument("--data", type=Path, default=Path(os.environ.get("PATCHCORE_DATA", REPO.parent / "shared" / "data")))
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
@@ -141,7 +164,7 @@ def main() -> None:
     runs = []
     with tempfile.TemporaryDirectory() as scratch:
         for backbone in args.backbones:
-            result = run(backbone, args.wrn_weights if backbone != "mobilenet_v2" else None, args.data, Path(scratch), args.check_every)
+            result = run(backbone, args.wrn_weights if backbone != "mobilenet_v2" else None, args.data, Path(scratch), args.check_every, args.left_out_images)
             runs.append(result)
             ms = result["median_ms"]
             print(f"{backbone} ({result['weights']} weights), bank {result['bank'][0]:,} x {result['bank'][1]}: backbone {ms['backbone']:.1f} ms, "
@@ -163,6 +186,12 @@ def main() -> None:
                      f"{r['full_over_bounded']:.2f}x | {r['search_vs_backbone']:.2f} | {r['entries_measured_per_query']:.1f} of {r['bank'][0]:,} | "
                      f"{r['worst_relative_distance_error']['bounded']:.1e} / {r['worst_relative_distance_error']['full']:.1e} | "
                      f"{r['true_nearest_entry_share']['bounded']:.3%} / {r['true_nearest_entry_share']['full']:.3%} |")
+    lines += ["", "A fit's calibration: training images scored leave-one-out (their own bank entries left out), per image, medians:", "",
+              "| backbone | images | bounded ms | full scan ms | full / bounded | worst relative score difference |", "|---|---|---|---|---|---|"]
+    for r in runs:
+        lo = r["leave_one_out"]
+        lines.append(f"| {r['backbone']} | {lo['images']} | {lo['median_ms']['bounded']:.1f} | {lo['median_ms']['full']:.1f} | "
+                     f"{lo['median_ms']['full'] / lo['median_ms']['bounded']:.2f}x | {lo['worst_relative_score_difference']:.1e} |")
     score_gaps = ", ".join(f"{r['backbone']}: {r['worst_relative_score_difference']:.1e}" for r in runs)
     lines += ["", "Errors against brute force in float64 (torch.cdist on the differences) over every patch of every "
               "--check-every-th test image. The full scan ranks by |q|^2 - 2 q.b + |b|^2 in float32, which loses digits when "
