@@ -8,7 +8,7 @@ The points are what a fit hands the selection: the float16 128-d projection of t
 features of MVTec AD bottle's 209 train/good images (214,016 patches with MobileNetV2 at 256
 px). Then, on those points:
 
-- the CPU loop (``patchcore.coreset._greedy_cpu``, what ``fit`` runs) selects ``--ratio`` of them
+- the CPU loop (``patchcore.coreset.greedy_coreset`` on the CPU, what ``fit`` runs) selects ``--ratio`` of them
   (10%: 21,402 picks), timed, with its counts: pool entries read and distances computed, as a
   share of the plain loop's work (every point against every pick, N x M);
 - for a like-for-like ratio, the CPU loop and the plain loop (``_greedy_plain``: one full
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from patchcore import PatchCore
-from patchcore.coreset import _greedy_cpu, _greedy_plain
+from patchcore.coreset import _greedy_plain, greedy_coreset
 from patchcore.data import training_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,11 +51,10 @@ def bottle_projection(data: Path, backbone: str) -> torch.Tensor:
 
 
 def cpu_loop(points: torch.Tensor, count: int) -> tuple[np.ndarray, dict, float]:
-    bits = points.view(torch.int16).numpy().view(np.uint16)
     counts: dict[str, int] = {}
     started = time.perf_counter()
-    picks = _greedy_cpu(bits, count, 0, None, None, counts)
-    return picks, counts, time.perf_counter() - started
+    picks = greedy_coreset(points, count, seed=0, counts=counts)
+    return picks.numpy(), counts, time.perf_counter() - started
 
 
 def plain_loop(points: torch.Tensor, count: int) -> tuple[np.ndarray, float]:
@@ -91,7 +90,7 @@ def main() -> None:
     points = bottle_projection(args.data, args.backbone)
     total = len(points)
     count = max(1, round(args.ratio * total))
-    _greedy_cpu(points[:20000].view(torch.int16).numpy().view(np.uint16), 50, 0, None, None)  # compile
+    greedy_coreset(points[:20000], 50)  # compile
     picks, counts, seconds = cpu_loop(points, count)
     full = {"picks": count, "seconds": seconds, **counts,
             "entries_read_share": counts["entries_read"] / (total * count), "distances_share": counts["distances"] / (total * count)}

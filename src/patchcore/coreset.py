@@ -38,8 +38,8 @@ from llvmlite import ir
 from numba.extending import intrinsic, overload
 
 #: a cell is read when its centre is nearer the new pick than twice its largest radius, by this
-#: factor on the squared distances: the test is computed in another summation order than the
-#: distances it guards, so it errs towards reading a cell rather than skipping one it must read
+#: factor on the squared distances: the triangle inequality holds for exact distances, not for
+#: their float32 roundings, so the test errs towards reading a cell rather than skipping one
 READ_MARGIN = 1.001
 
 
@@ -62,6 +62,7 @@ def greedy_coreset(
     seed: int = 0,
     on_progress: Callable[[int], None] | None = None,
     initial_centres: torch.Tensor | None = None,
+    counts: dict[str, int] | None = None,
 ) -> torch.Tensor:
     """Indices of ``count`` rows of ``points`` (N, d), float32 or float16, chosen by greedy k-center selection.
 
@@ -69,6 +70,7 @@ def greedy_coreset(
     so far (ties go to the lowest index). With ``initial_centres`` (rows already in a memory
     bank, in the same projection), selection goes on as if those were picked already: the first
     pick is the row farthest from them. ``on_progress(n)`` is told of every ``n`` new picks.
+    ``counts``, if given, receives what the CPU loop did (see :func:`_greedy_cpu`).
     """
     total = points.shape[0]
     if not 0 < count <= total:
@@ -83,7 +85,7 @@ def greedy_coreset(
         # float16 goes to the compiled loop as its bit patterns, read through a table.
         array = points.view(torch.int16).numpy().view(np.uint16) if points.dtype == torch.float16 else points.numpy()
         initial = None if initial_centres is None else (initial_centres.numpy(), start[0].numpy(), start[1].numpy())
-        return torch.from_numpy(_greedy_cpu(array, count, seed, on_progress, initial))
+        return torch.from_numpy(_greedy_cpu(array, count, seed, on_progress, initial, counts))
     return _greedy_plain(points.float(), count, seed, on_progress, start).cpu()
 
 
@@ -220,7 +222,7 @@ def _centre_from(points, index, out):  # pragma: no cover - compiled
 @numba.njit(fastmath={"reassoc", "contract"}, cache=True)
 def _squared_distance(points, i, centre):  # pragma: no cover - compiled
     # Every distance that decides a point's cell comes from this one function, so that they are
-    # comparable; reassociation lets the sum run in vector lanes (8x faster than one by one).
+    # comparable; reassociation lets the sum run in vector lanes.
     row = points[i]
     total = np.float32(0.0)
     for k in range(centre.shape[0]):
@@ -300,7 +302,7 @@ def _add_centre(points: np.ndarray, slot: int, cells: _Cells, state: tuple) -> N
     (_move_won_parallel if parallel else _move_won_serial)(reads, *state)
 
 
-@numba.njit(fastmath={"reassoc", "contract"}, cache=True)
+@numba.njit(cache=True)
 def _cells_to_read(slot, centres, index, radius, fill, start, size, largest, farthest, gaps, read, *rest):  # pragma: no cover - compiled
     """The cells the new centre may win points from, listed in ``read``: their count and their points' count."""
     centre = centres[slot]
@@ -308,10 +310,7 @@ def _cells_to_read(slot, centres, index, radius, fill, start, size, largest, far
     for j in range(slot):
         if largest[j] < 0:
             continue
-        total = np.float32(0.0)
-        for k in range(centre.shape[0]):
-            diff = centres[j, k] - centre[k]
-            total += diff * diff
+        total = _squared_distance(centres, j, centre)
         gaps[j] = total
         # d(a, c) >= 2 r for the cell's largest r: no point of the cell can be won.
         if total < 4.0 * largest[j] * READ_MARGIN:

@@ -24,7 +24,6 @@ shared file system.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections import Counter, deque
 from dataclasses import dataclass

@@ -7,12 +7,14 @@ import numba
 import numpy as np
 import torch
 
+from .coreset import _squared_distance
+
 
 INDEX_KINDS = ("exact", "ivf")
 
 
 class LowerBoundIndex:
-    """Certified lower bounds of the squared distances from queries to every bank entry, from
+    """Lower bounds of the squared distances from queries to every bank entry, from
     the bank's leading principal components.
 
     Rotated onto the bank's principal axes (an orthonormal basis: distances do not change), a
@@ -58,15 +60,6 @@ class LowerBoundIndex:
 BOUND_ALLOWANCE = 1e-5
 
 
-@numba.njit(fastmath={"reassoc", "contract"}, cache=True)
-def _squared_distance(bank, j, query):  # pragma: no cover - compiled
-    total = np.float32(0.0)
-    for k in range(query.shape[0]):
-        diff = bank[j, k] - query[k]
-        total += diff * diff
-    return total
-
-
 @numba.njit(parallel=True, cache=True)
 def _nearest_within_bounds(bounds, allowance, bank, queries, skip_start, skip_stop, nearest, measured):  # pragma: no cover - compiled
     """Each query's nearest entry, entries skip_start..skip_stop-1 left out: start from the entry
@@ -97,9 +90,10 @@ class NearestNeighbourIndex:
     ``exact`` (the default): on the CPU, each query's nearest entry is found by bounds from the
     bank's leading principal components (:class:`LowerBoundIndex`): every entry is bounded in a
     few dimensions and only those the bounds cannot rule out are measured in full, so the answer
-    is the full scan's, at a fraction of its cost (``bounds=False``: the full scan, faiss's
-    ``IndexFlatL2``, which also serves k > 1 and leave-one-out searches). On a GPU a chunked
-    matrix product in torch, so that no second GPU library is needed.
+    is the full scan's, at a fraction of its cost. Features narrower than
+    :data:`BOUNDED_MIN_DIMS`, searches for k > 1 and ``bounds=False`` use the full scan, faiss's
+    ``IndexFlatL2``. On a GPU a chunked matrix product in torch, so that no second GPU library
+    is needed.
 
     ``ivf`` (approximate, CPU): faiss's ``IndexIVFFlat``. The bank is split by k-means into about
     2 sqrt(M) cells and each query scans the :data:`IVF_PROBES` cells nearest to it. Patch
@@ -119,6 +113,7 @@ class NearestNeighbourIndex:
         self.device = bank.device
         self.kind = kind
         dims = self.bank.shape[1]
+        self._bounded = False
         if kind == "ivf":
             if self.device.type != "cpu":
                 raise ValueError("the approximate (ivf) index runs on the CPU only; use the exact index on a GPU")
@@ -131,7 +126,7 @@ class NearestNeighbourIndex:
         elif self.device.type == "cpu":
             self._faiss = faiss.IndexFlatL2(dims)
             self._faiss.add(self.bank.numpy())
-            # Built on the first search that uses it (a fit's leave-one-out scoring does not).
+            # Built on the first search that uses it, not when a model loads.
             self._bounds: LowerBoundIndex | None = None
             self._bounded = bounds and leading_components(dims) > 0
             #: queries searched by their bounds, and the bank entries measured in full for them
@@ -152,8 +147,10 @@ class NearestNeighbourIndex:
         Indices still count in the whole bank.
         """
         queries = queries.to(self.device, torch.float32).contiguous()
-        if k == 1 and getattr(self, "_bounded", False):
-            indices = self._certified_nearest(queries, exclude)
+        if exclude is not None and len(self) - (exclude[1] - exclude[0]) < 1:
+            raise ValueError("leaving those entries out leaves an empty memory bank")
+        if k == 1 and self._bounded:
+            indices = self._bounded_nearest(queries, exclude)
         elif exclude is not None:
             squared, indices = self._search_excluding(queries, k, *exclude)
         elif hasattr(self, "_faiss"):
@@ -169,13 +166,11 @@ class NearestNeighbourIndex:
             squared, indices = matmul_search(self.bank, self._squared_norms, queries, min(k, len(self)), self._chunk_rows())
         return self._exact_distances(queries, indices.long())
 
-    def _certified_nearest(self, queries: torch.Tensor, exclude: tuple[int, int] | None = None) -> torch.Tensor:
+    def _bounded_nearest(self, queries: torch.Tensor, exclude: tuple[int, int] | None = None) -> torch.Tensor:
         """Each query's nearest bank entry (Q, 1), exactly, measuring in full only the entries
         that the principal-component bounds cannot rule out (:class:`LowerBoundIndex`);
         entries ``exclude`` = (start, stop) left out."""
         start, stop = exclude if exclude is not None else (0, 0)
-        if len(self) - (stop - start) < 1:
-            raise ValueError("leaving those entries out leaves an empty memory bank")
         if self._bounds is None:
             self._bounds = LowerBoundIndex(self.bank, leading_components(self.bank.shape[1]))
         nearest = np.empty(len(queries), dtype=np.int64)
@@ -185,7 +180,7 @@ class NearestNeighbourIndex:
         for first in range(0, len(queries), rows):
             chunk = queries[first : first + rows]
             bounds, allowance = self._bounds.bounds(chunk)
-            _nearest_within_bounds(bounds.numpy(), allowance.float().numpy(), bank, chunk.numpy(), start, stop, nearest[first : first + rows], measured[first : first + rows])
+            _nearest_within_bounds(bounds.numpy(), allowance.numpy(), bank, chunk.numpy(), start, stop, nearest[first : first + rows], measured[first : first + rows])
         self.queries_bounded += len(queries)
         self.entries_measured += int(measured.sum())
         return torch.from_numpy(nearest)[:, None]
@@ -206,10 +201,7 @@ class NearestNeighbourIndex:
 
     def _search_excluding(self, queries: torch.Tensor, k: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact search in the bank without entries start..stop-1 (squared distances)."""
-        kept = len(self) - (stop - start)
-        if kept < 1:
-            raise ValueError("leaving those entries out leaves an empty memory bank")
-        k = min(k, kept)
+        k = min(k, len(self) - (stop - start))
         if self.device.type != "cpu":
             return matmul_search(self.bank, self._squared_norms, queries, k, self._chunk_rows(), exclude=(start, stop))
         # On the CPU: faiss's brute-force search (the same BLAS kernel as IndexFlatL2) on the two
@@ -235,7 +227,7 @@ BOUND_CHUNK_ELEMENTS = 2**24
 #: principal components the bounds use (Wide ResNet-50's 1536-d features: 12x fewer dimensions)
 BOUND_COMPONENTS = 128
 #: narrower features are searched by the full scan: at 128 dimensions (MobileNetV2) the bounds,
-#: at a quarter of the width, cost as much as faiss's scan (measured: benchmarks/search.py)
+#: at a quarter of the width, cost as much as faiss's scan (benchmarks/search.py, "forced" column)
 BOUNDED_MIN_DIMS = 4 * BOUND_COMPONENTS
 
 

@@ -1,6 +1,5 @@
 """Greedy k-center selection against a brute-force reference."""
 
-import numpy as np
 import pytest
 import torch
 
@@ -37,8 +36,7 @@ def assert_each_pick_is_the_farthest(points: torch.Tensor, picks: list[int], tol
 def cpu_loop_with_counts(points: torch.Tensor, count: int, seed: int) -> tuple[list[int], dict[str, int]]:
     """The CPU loop's picks on float16 points, and what it did (entries read, distances, close-ups)."""
     counts: dict[str, int] = {}
-    bits = points.half().view(torch.int16).numpy().view(np.uint16)
-    return coreset._greedy_cpu(bits, count, seed, None, None, counts).tolist(), counts
+    return greedy_coreset(points.half(), count, seed=seed, counts=counts).tolist(), counts
 
 
 @pytest.fixture
@@ -130,8 +128,6 @@ def test_clustered_data_with_duplicates_matches_brute_force():
 @pytest.mark.parametrize("parallel_above", [0, 10**9])
 def test_float16_points_on_all_threads_or_one_match_brute_force(monkeypatch, parallel_above):
     # How a fit hands the projection over (float16), with the cells read on all threads (0) or on one.
-    from patchcore import coreset
-
     monkeypatch.setattr(coreset, "PARALLEL_READ_POINTS", parallel_above)
     generator = torch.Generator().manual_seed(21)
     centres = torch.randn(40, 12, generator=generator) * 5
