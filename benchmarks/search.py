@@ -1,5 +1,6 @@
-"""Exact nearest-neighbour search with principal-component bounds against the full scan, per
-test image, beside the backbone: MobileNetV2 and Wide ResNet-50 on MVTec AD bottle.
+"""Exact nearest-neighbour search by lower bounds (k-means cells for narrow features, principal
+components for wide ones) against the full scan, per test image, beside the backbone:
+MobileNetV2 and Wide ResNet-50 on MVTec AD bottle.
 
     .venv/bin/python benchmarks/search.py [--backbones mobilenet_v2 wide_resnet50_2] [--wrn-weights FILE]
                                           [--data ../shared/data] [--out benchmarks/results]
@@ -10,9 +11,10 @@ each of bottle's 83 test images is scored as ``predict`` scores it, with the mod
 index two ways, in one run, alternating image by image (the first of each pair of images
 with the bounded index first, the second with the full scan first):
 
-- bounded: ``NearestNeighbourIndex(bank)``, the default; its queries bounded and bank entries
-  measured in full are counted;
-- full scan: ``NearestNeighbourIndex(bank, bounds=False)``, faiss's ``IndexFlatL2``.
+- bounded: ``NearestNeighbourIndex(bank)``, the default (cell bounds below 512 dimensions,
+  principal bounds from 512 on); its queries bounded and bank entries measured in full are counted;
+- full scan: ``NearestNeighbourIndex(bank, bounds=False)``, faiss's brute-force ``knn``;
+- for narrow features, also the principal bounds forced on them (a quarter of their dimensions).
 
 Per image it times the backbone (``_features``: network, 3x3 averaging, joining), and for each
 index the search plus eq. 7 (``_score_features`` without the maps: the nearest entry of every
@@ -90,8 +92,9 @@ def bank_and_left_out(model: PatchCore, images: list[Path], left_out_images: int
 
 
 def forced_bounds(bank: torch.Tensor) -> NearestNeighbourIndex | None:
-    """For features narrower than the bounded search's threshold, an index that bounds them
-    anyway (a quarter of their dimensions), to show what it would cost; None for wide ones."""
+    """For features narrower than the principal bounds' threshold (searched by cell bounds), an
+    index that bounds them by principal components anyway (a quarter of their dimensions), to
+    show what it would cost; None for wide ones."""
     if leading_components(bank.shape[1]) > 0:
         return None
     index = NearestNeighbourIndex(bank)
@@ -178,7 +181,7 @@ def main() -> None:
             result = run(backbone, args.wrn_weights if backbone != "mobilenet_v2" else None, args.data, Path(scratch), args.check_every, args.left_out_images)
             runs.append(result)
             ms = result["median_ms"]
-            forced = f", bounded though narrow {ms['forced']:.1f} ms" if "forced" in ms else ""
+            forced = f", principal bounds forced {ms['forced']:.1f} ms" if "forced" in ms else ""
             print(f"{backbone} ({result['weights']} weights), bank {result['bank'][0]:,} x {result['bank'][1]}: backbone {ms['backbone']:.1f} ms, "
                   f"scoring: default {ms['bounded']:.1f} ms, full scan {ms['full']:.1f} ms ({result['full_over_bounded']:.2f}x){forced}; "
                   f"entries measured per query {result['entries_measured_per_query']}; against float64 brute force, worst distance error "
@@ -190,9 +193,9 @@ def main() -> None:
     lines = [f"Machine: {machine}. Command: `{command}`.", "",
              "Per test image of MVTec AD bottle (83, 256 px, 1,024 patches each), medians; the bank from bottle's 209 training images at a 10% coreset. "
              "Scoring: the library's `_score_features` (every patch's nearest entry, eq. 7, the maps), as `predict` runs it. "
-             "Default: the exact index as a model builds it (bounded from 512 dimensions on, the full scan below); "
-             "bounded though narrow: the bounds forced on narrower features (a quarter of their dimensions).", "",
-             "| backbone (weights) | bank | backbone ms | scoring, default ms | full scan ms | full / default | default / backbone | bounded though narrow ms | entries measured per query | worst distance error, default / full scan | true nearest entry, default / full scan |",
+             "Default: the exact index as a model builds it (bounded by k-means cells below 512 dimensions, by principal components from 512 on); "
+             "principal bounds forced: those bounds on narrower features (a quarter of their dimensions).", "",
+             "| backbone (weights) | bank | backbone ms | scoring, default ms | full scan ms | full / default | default / backbone | principal bounds forced ms | entries measured per query | worst distance error, default / full scan | true nearest entry, default / full scan |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         ms = r["median_ms"]

@@ -13,6 +13,9 @@ On MVTec AD bottle with MobileNetV2 (256 px, 10% coreset) it measures, in one ru
   nearest-neighbour search with eq. 7, map upsampling and blur) for each search path;
 - accuracy of each path (image and pixel AUROC on the test set), and the recall of the
   approximate (IVF) index against exact search;
+- Wide ResNet-50 (the default backbone; seeded random weights, as no ImageNet weights can be had
+  offline): a fit on bottle, then `patchcore predict` over the 83 test images with pictures, and
+  with ``--anomalib`` anomalib's ``engine.test`` on the same images with the same weights and bank;
 - scale: fit time and peak memory for 50 to 800 training images (bottle, extended by flips and
   rotations) with MobileNetV2 and with Wide ResNet-50 (random weights: timing only).
 
@@ -47,23 +50,39 @@ if RECORDED_ANOMALIB.is_file():
     ANOMALIB = json.loads(RECORDED_ANOMALIB.read_text())
 
 
-def rerun_anomalib(data: Path) -> dict:
-    """Install anomalib 2.7 into its own venv (.venv-anomalib) and run its PatchCore on bottle (about 35 minutes)."""
-    from patchcore.backbones import find_weights_file, get_spec
-
+def anomalib_python() -> Path:
+    """The Python of anomalib 2.7's own venv (.venv-anomalib), made on first use."""
     venv = REPO / ".venv-anomalib"
     python = venv / "bin" / "python"
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
         subprocess.run([*pip, "torch==2.14.1", "torchvision==0.29.1", "anomalib==2.7.0"], check=True)
-    weights = find_weights_file(get_spec("mobilenet_v2"), download=False)
-    command = [str(python), str(REPO / "benchmarks" / "anomalib_patchcore.py"), "--data", str(data), "--weights", str(weights)]
+    return python
+
+
+def run_anomalib(data: Path, *arguments: str) -> dict:
+    """benchmarks/anomalib_patchcore.py in anomalib's venv; its JSON line, with where it came from."""
+    command = [str(anomalib_python()), str(REPO / "benchmarks" / "anomalib_patchcore.py"), "--data", str(data), *arguments]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"anomalib run failed:\n{done.stderr[-4000:]}")
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     figures["source"] = f"benchmarks/speed.py --anomalib, {time.strftime('%Y-%m-%d')}, {machine()}"
+    return figures
+
+
+def rerun_anomalib(data: Path, wide: dict | None) -> dict:
+    """anomalib 2.7's PatchCore on bottle, fitted and tested with MobileNetV2 (about 35 minutes),
+    and, given ``wide`` = {"weights", "bank"}, scoring only with that Wide ResNet-50 and bank."""
+    from patchcore.backbones import find_weights_file, get_spec
+
+    figures = {}
+    if wide is not None:  # first: a few minutes, and a failure shows before the long fit
+        print("anomalib 2.7: Wide ResNet-50 scoring with patchcore's bank", flush=True)
+        figures["wide_resnet50_2"] = run_anomalib(data, "--backbone", "wide_resnet50_2", "--weights", str(wide["weights"]), "--bank", str(wide["bank"]))
+    print("anomalib 2.7: MobileNetV2 fit and test (about 35 minutes)", flush=True)
+    figures.update(run_anomalib(data, "--weights", str(find_weights_file(get_spec("mobilenet_v2"), download=False))))
     RECORDED_ANOMALIB.write_text(json.dumps(figures, indent=2) + "\n")
     return figures
 
@@ -333,12 +352,34 @@ def machine() -> str:
 def main_run(args: argparse.Namespace) -> dict:
     bottle = args.data / "mvtec_ad" / "bottle"
     global ANOMALIB
-    if args.anomalib:
-        print("anomalib 2.7: installing and running (about 35 minutes)", flush=True)
-        ANOMALIB = rerun_anomalib(args.data)
-    results: dict = {"machine": machine(), "device": args.device, "anomalib_2_7": ANOMALIB}
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
+        # Wide ResNet-50, the default backbone, scoring side by side with anomalib: the same
+        # (seeded random) weights and the same bank, patchcore's, fitted here on bottle.
+        print("Wide ResNet-50: patchcore fit (random weights)", flush=True)
+        wide_file = scratch / "bottle_wrn.safetensors"
+        wide_fit = run_child("--worker", "--images", str(bottle / "train" / "good"), "--backbone", "wide_resnet50_2", "--random-weights", "--device", args.device, "--scratch", str(scratch), "--save", str(wide_file))
+        from safetensors.numpy import load_file
+
+        np_bank = scratch / "bottle_wrn_bank.npy"
+        import numpy as np
+
+        np.save(np_bank, load_file(str(wide_file))["memory_bank"].astype(np.float32))
+        if args.anomalib:
+            ANOMALIB = rerun_anomalib(args.data, {"weights": scratch / "wide_resnet50_2-random.pth", "bank": np_bank})
+        results: dict = {"machine": machine(), "device": args.device, "anomalib_2_7": ANOMALIB}
+        from patchcore.data import list_test_samples
+
+        wide_test = [sample.path for sample in list_test_samples(bottle)]
+        print(f"Wide ResNet-50: patchcore predict over {len(wide_test)} test images with pictures", flush=True)
+        wide_ips = throughput(wide_file, wide_test, "exact")
+        anomalib_wide = ANOMALIB.get("wide_resnet50_2")
+        results["wide_resnet50_2"] = {
+            "fit": wide_fit,
+            "scoring_images_per_second": wide_ips,
+            "anomalib_images_per_second": anomalib_wide["scoring_images_per_second"] if anomalib_wide else None,
+            "speedup_vs_anomalib": wide_ips / anomalib_wide["scoring_images_per_second"] if anomalib_wide else None,
+        }
         model_file = scratch / "bottle.safetensors"
         common = ["--images", str(bottle / "train" / "good"), "--backbone", "mobilenet_v2", "--device", args.device, "--scratch", str(scratch)]
         print("fit: patchcore", flush=True)
@@ -438,6 +479,19 @@ def markdown(r: dict) -> str:
         f"{r['anomalib_2_7']['scoring_images_per_second']:.1f}), {ips['ivf']:.1f} images/s with `--index ivf` ({r['scoring_speedup_vs_anomalib']['ivf']:.1f}x).",
         f"IVF recall of the exact nearest bank entry: {r['ivf_recall']:.4f}; image / pixel AUROC with IVF {acc['ivf']['image_auroc']:.3f} / {acc['ivf']['pixel_auroc']:.3f}.",
     ]
+    wide = r.get("wide_resnet50_2")
+    if wide:
+        bank = " x ".join(str(n) for n in wide["fit"]["bank"])
+        against = (
+            f"{wide['speedup_vs_anomalib']:.1f}x anomalib 2.7's {wide['anomalib_images_per_second']:.2f} images/s with the same weights and bank ({r['anomalib_2_7']['wide_resnet50_2']['source']})"
+            if wide["speedup_vs_anomalib"] else "anomalib not run"
+        )
+        lines += [
+            "",
+            f"Wide ResNet-50 (seeded random weights: timing only; bank {bank} from bottle's training images, fitted in "
+            f"{wide['fit']['process_seconds']:.1f} s): `patchcore predict` over the 83 test images with pictures, exact search, "
+            f"{wide['scoring_images_per_second']:.2f} images/s, {against}.",
+        ]
     if "scale" in r:
         origin = f" (from {r['scale_from_earlier_run']})" if "scale_from_earlier_run" in r else ""
         lines += ["", f"Scale{origin}:", "", "| backbone | training images | fit (s) | peak memory (GB) | bank |", "|---|---|---|---|---|"]

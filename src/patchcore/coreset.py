@@ -43,6 +43,30 @@ from numba.extending import intrinsic, overload
 READ_MARGIN = 1.001
 
 
+@numba.njit(parallel=True, cache=True)
+def _touch_threads(out):  # pragma: no cover - compiled
+    for i in numba.prange(out.shape[0]):
+        out[i] = i
+
+
+def start_compiled_threads() -> None:
+    """Start numba's thread pool, keeping torch's thread count. numba's OpenMP pool sets the
+    process's OpenMP thread count to its own when it starts, and torch's backbone uses that
+    count: a user's OMP_NUM_THREADS=1 or torch.set_num_threads (a Ray actor's one CPU) would
+    silently stop holding after the first compiled search, and the features change in the last
+    bits with the thread count. Call before any parallel compiled function; cheap after the first."""
+    global _threads_started
+    if not _threads_started:
+        threads = torch.get_num_threads()
+        _touch_threads(np.empty(2, dtype=np.int64))
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        _threads_started = True
+
+
+_threads_started = False
+
+
 def random_projection(features: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
     """Project (N, D) features to (N, dim) with a seeded Gaussian matrix; unchanged when D <= dim."""
     if features.shape[1] <= dim:
@@ -164,6 +188,7 @@ def _greedy_cpu(points: np.ndarray, count: int, seed: int, on_progress, initial:
     its nearest one, which one that is). ``counts``, if given, receives what the loop did:
     pool entries read, distances computed (not counting the first cell's) and close-ups."""
     total, dims = points.shape
+    start_compiled_threads()
     tell = _report(on_progress, count)
     # Centre slots: the initial centres (if any) first, then the picks as they are made.
     offset = 0 if initial is None else len(initial[0])

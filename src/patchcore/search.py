@@ -7,7 +7,7 @@ import numba
 import numpy as np
 import torch
 
-from .coreset import _squared_distance
+from .coreset import _squared_distance, start_compiled_threads
 
 
 INDEX_KINDS = ("exact", "ivf")
@@ -84,16 +84,153 @@ def _nearest_within_bounds(bounds, allowance, bank, queries, skip_start, skip_st
         measured[q] = count
 
 
+class CellBoundIndex:
+    """Lower bounds of the distances from queries to bank entries, from k-means cells of the
+    bank and the triangle inequality.
+
+    The bank is split by k-means into cells, and each entry b keeps r_b = |b - c|, its distance
+    to its cell's centre c. For a query q,
+
+        |q - b| >= | |q - c| - r_b |,
+
+    so an entry can be nearer than the best distance found so far only if r_b lies within that
+    distance of |q - c|, and a cell only if |q - c| less its largest r_b is below it. Entries are
+    stored cell by cell in increasing r_b, so in each cell it cannot rule out a query reads only
+    the run of entries around |q - c|. Patch features lie much closer to their nearest bank entry
+    than the cells are wide, so a query measures a few hundred entries of tens of thousands.
+    Nothing is approximated: the bounds are true (less rounding allowances), so the nearest entry
+    found is the one a full scan finds.
+    """
+
+    def __init__(self, bank: torch.Tensor) -> None:
+        points = bank.float().contiguous().numpy()
+        count, dims = points.shape
+        # About sqrt(M) cells (each cell costs every query one centre distance, and smaller cells
+        # rule out more entries); faiss asks for at least 39 points per cell. Where the centres
+        # lie changes only how many entries are measured, never the answer.
+        cells = max(1, min(round(CELLS_PER_ROOT * count**0.5), count // 39))
+        kmeans = faiss.Kmeans(dims, cells, niter=10, seed=1, max_points_per_centroid=64)
+        kmeans.train(points)
+        centres = kmeans.centroids
+        _, assigned = faiss.knn(points, centres, 1)
+        cell = assigned[:, 0]
+        radius = np.empty(count, dtype=np.float64)
+        for first in range(0, count, 65536):  # in float64, a block at a time
+            block = slice(first, first + 65536)
+            radius[block] = np.sqrt(np.square(points[block].astype(np.float64) - centres[cell[block]]).sum(axis=1))
+        order = np.lexsort((radius, cell))
+        #: bank row of each stored entry, and the entries, cell by cell in increasing radius
+        self.original = order.astype(np.int64)
+        self.points = np.ascontiguousarray(points[order])
+        self.radii = radius[order].astype(np.float32)
+        self.cell_starts = np.searchsorted(cell[order], np.arange(cells + 1)).astype(np.int64)
+        # A cell's largest radius is its last entry's; an empty cell gets -inf, so it is never read.
+        ends = self.cell_starts[1:]
+        self.cell_radii = np.where(ends > self.cell_starts[:-1], self.radii[np.maximum(ends - 1, 0)], -np.inf).astype(np.float32)
+        self.centres = torch.from_numpy(centres)
+        self.centre_norms = self.centres.square().sum(dim=1)
+
+    def nearest(self, queries: torch.Tensor, skip: tuple[int, int], limit: int) -> tuple[np.ndarray, np.ndarray]:
+        """Each query's nearest bank row (entries ``skip`` = (start, stop) left out) and how many
+        entries it measured; -1 for a query that measured more than ``limit`` entries before its
+        bounds closed in, which the caller finishes by the full scan."""
+        nearest = np.empty(len(queries), dtype=np.int64)
+        measured = np.empty(len(queries), dtype=np.int64)
+        rows = max(1, BOUND_CHUNK_ELEMENTS // len(self.centres))
+        for first in range(0, len(queries), rows):
+            chunk = queries[first : first + rows]
+            norms = chunk.square().sum(dim=1)
+            # Squared distances to the centres in float32 by |q|^2 - 2 q.c + |c|^2, trusted to
+            # within BOUND_ALLOWANCE of those lengths (as LowerBoundIndex's bounds).
+            centre_distances = torch.addmm(self.centre_norms[None, :], chunk, self.centres.T, alpha=-2.0).add_(norms[:, None])
+            allowance = BOUND_ALLOWANCE * (norms + self.centre_norms.max())
+            _nearest_in_cells(
+                centre_distances.numpy(), allowance.numpy(), self.cell_starts, self.cell_radii, self.radii, self.points, self.original,
+                chunk.numpy(), skip[0], skip[1], limit, nearest[first : first + rows], measured[first : first + rows],
+            )
+        return nearest, measured
+
+
+#: a best distance is widened by this relative margin before entries are ruled out by it: the
+#: float32 distances and radii it is compared with are rounded far below it
+REACH_MARGIN = 1e-4
+#: k-means cells per square root of the bank size
+CELLS_PER_ROOT = 2.0
+
+
+@numba.njit(inline="always")
+def _measure_run(points, original, radii, query, start, stop, step, low, high, skip_start, skip_stop, best, reach, where, count):  # pragma: no cover - compiled
+    """Measure a cell's entries from ``start`` towards ``stop`` (radii rising for step 1, falling
+    for -1) until the triangle bound passes ``reach``; returns the updated best."""
+    for j in range(start, stop, step):
+        radius = radii[j]
+        if (radius - high if step > 0 else low - radius) > reach:
+            break  # this entry's bound passes the reach, and every later one's is larger
+        row = original[j]
+        if row >= skip_start and row < skip_stop:
+            continue
+        distance = _squared_distance(points, j, query)
+        count += 1
+        if distance < best or (distance == best and row < where):
+            best, where = distance, row
+            reach = np.sqrt(best) * (1.0 + REACH_MARGIN)
+    return best, reach, where, count
+
+
+@numba.njit(parallel=True, cache=True)
+def _nearest_in_cells(centre_distances, allowance, cell_starts, cell_radii, radii, points, original, queries, skip_start, skip_stop, limit, nearest, measured):  # pragma: no cover - compiled
+    """Each query's nearest entry by :class:`CellBoundIndex`'s bounds: its nearest centre's cell
+    first (a close first best rules out most cells), then every cell the bounds cannot rule out."""
+    cells = cell_starts.shape[0] - 1
+    for q in numba.prange(queries.shape[0]):
+        query, row = queries[q], centre_distances[q]
+        low = np.empty(cells, dtype=np.float32)  # |q - c| less and plus its rounding allowance
+        high = np.empty(cells, dtype=np.float32)
+        first = 0
+        for c in range(cells):
+            low[c] = np.sqrt(max(row[c] - allowance[q], 0.0))
+            high[c] = np.sqrt(row[c] + allowance[q])
+            if row[c] < row[first]:
+                first = c
+        best, reach, where, count = np.inf, np.inf, -1, 0
+        for step in range(cells + 1):
+            c = first if step == 0 else step - 1
+            if (step > 0 and c == first) or low[c] - cell_radii[c] > reach:
+                continue
+            start, stop = cell_starts[c], cell_starts[c + 1]
+            middle = start + np.searchsorted(radii[start:stop], low[c])
+            best, reach, where, count = _measure_run(points, original, radii, query, middle, stop, 1, low[c], high[c], skip_start, skip_stop, best, reach, where, count)
+            best, reach, where, count = _measure_run(points, original, radii, query, middle - 1, start - 1, -1, low[c], high[c], skip_start, skip_stop, best, reach, where, count)
+            if count > limit:
+                where = -1  # far from everything: the full scan measures faster
+                break
+        nearest[q] = where
+        measured[q] = count
+
+
+@numba.njit(cache=True)
+def _nearest_candidates(bank, queries, candidates, nearest):  # pragma: no cover - compiled
+    """Each query's nearest of its candidate rows, by the bounded searches' own distance."""
+    for q in range(queries.shape[0]):
+        best, where = np.inf, -1
+        for row in candidates[q]:
+            distance = _squared_distance(bank, row, queries[q])
+            if distance < best or (distance == best and row < where):
+                best, where = distance, row
+        nearest[q] = where
+
+
 class NearestNeighbourIndex:
     """L2 nearest-neighbour search over the memory bank.
 
-    ``exact`` (the default): on the CPU, each query's nearest entry is found by bounds from the
-    bank's leading principal components (:class:`LowerBoundIndex`): every entry is bounded in a
-    few dimensions and only those the bounds cannot rule out are measured in full, so the answer
-    is the full scan's, at a fraction of its cost. Features narrower than
-    :data:`BOUNDED_MIN_DIMS`, searches for k > 1 and ``bounds=False`` use the full scan, faiss's
-    ``IndexFlatL2``. On a GPU a chunked matrix product in torch, so that no second GPU library
-    is needed.
+    ``exact`` (the default): on the CPU, each query's nearest entry is found by lower bounds, and
+    only the entries the bounds cannot rule out are measured in full, so the answer is the full
+    scan's at a fraction of its cost. Features of :data:`BOUNDED_MIN_DIMS` dimensions or more
+    (Wide ResNet-50) are bounded from the bank's leading principal components
+    (:class:`LowerBoundIndex`), narrower ones (MobileNetV2) from k-means cells and the triangle
+    inequality (:class:`CellBoundIndex`). Searches for k > 1 and ``bounds=False`` use the full
+    scan, faiss's brute-force ``knn``. On a GPU a chunked matrix product in torch, so that no
+    second GPU library is needed.
 
     ``ivf`` (approximate, CPU): faiss's ``IndexIVFFlat``. The bank is split by k-means into about
     2 sqrt(M) cells and each query scans the :data:`IVF_PROBES` cells nearest to it. Patch
@@ -124,13 +261,12 @@ class NearestNeighbourIndex:
             self._faiss.nprobe = min(self.IVF_PROBES, cells)
             self._faiss.add(self.bank.numpy())
         elif self.device.type == "cpu":
-            self._faiss = faiss.IndexFlatL2(dims)
-            self._faiss.add(self.bank.numpy())
             # Built on the first search that uses it, not when a model loads.
-            self._bounds: LowerBoundIndex | None = None
-            self._bounded = bounds and leading_components(dims) > 0
-            #: queries searched by their bounds, and the bank entries measured in full for them
-            self.queries_bounded = self.entries_measured = 0
+            self._bounds: LowerBoundIndex | CellBoundIndex | None = None
+            self._bounded = bounds
+            #: queries searched by their bounds, the bank entries measured in full for them, and
+            #: those of the cell bounds that were finished by the full scan
+            self.queries_bounded = self.entries_measured = self.queries_rescanned = 0
         else:
             self._squared_norms = self.bank.square().sum(dim=1)
 
@@ -153,9 +289,12 @@ class NearestNeighbourIndex:
             indices = self._bounded_nearest(queries, exclude)
         elif exclude is not None:
             squared, indices = self._search_excluding(queries, k, *exclude)
-        elif hasattr(self, "_faiss"):
+        elif self.device.type == "cpu":
             k = min(k, len(self))
-            squared, indices = self._faiss.search(queries.numpy(), k)
+            if self.kind == "ivf":
+                squared, indices = self._faiss.search(queries.numpy(), k)
+            else:  # faiss's brute force on the bank itself: no second copy of it
+                squared, indices = faiss.knn(queries.numpy(), self.bank.numpy(), k)
             squared, indices = torch.from_numpy(squared), torch.from_numpy(indices)
             if self.kind == "ivf" and bool((indices < 0).any()):
                 # The probed cells held fewer than k entries: repeat the nearest one found.
@@ -168,22 +307,48 @@ class NearestNeighbourIndex:
 
     def _bounded_nearest(self, queries: torch.Tensor, exclude: tuple[int, int] | None = None) -> torch.Tensor:
         """Each query's nearest bank entry (Q, 1), exactly, measuring in full only the entries
-        that the principal-component bounds cannot rule out (:class:`LowerBoundIndex`);
-        entries ``exclude`` = (start, stop) left out."""
+        that the bounds cannot rule out; entries ``exclude`` = (start, stop) left out."""
         start, stop = exclude if exclude is not None else (0, 0)
+        start_compiled_threads()
         if self._bounds is None:
-            self._bounds = LowerBoundIndex(self.bank, leading_components(self.bank.shape[1]))
-        nearest = np.empty(len(queries), dtype=np.int64)
-        measured = np.empty(len(queries), dtype=np.int64)
-        rows = max(1, BOUND_CHUNK_ELEMENTS // len(self))
-        bank = self.bank.numpy()
-        for first in range(0, len(queries), rows):
-            chunk = queries[first : first + rows]
-            bounds, allowance = self._bounds.bounds(chunk)
-            _nearest_within_bounds(bounds.numpy(), allowance.numpy(), bank, chunk.numpy(), start, stop, nearest[first : first + rows], measured[first : first + rows])
+            components = leading_components(self.bank.shape[1])
+            self._bounds = LowerBoundIndex(self.bank, components) if components else CellBoundIndex(self.bank)
+        if isinstance(self._bounds, CellBoundIndex):
+            # A query far from every entry (a foreign image) would measure much of the bank one
+            # entry at a time; past RESCAN_FRACTION of it, faiss's blocked scan is faster.
+            nearest, measured = self._bounds.nearest(queries, (start, stop), limit=int(RESCAN_FRACTION * len(self)))
+            rescan = np.flatnonzero(nearest < 0)
+            if len(rescan):
+                nearest[rescan] = self._rescan(queries[rescan], exclude)
+                self.queries_rescanned += len(rescan)
+        else:
+            nearest = np.empty(len(queries), dtype=np.int64)
+            measured = np.empty(len(queries), dtype=np.int64)
+            rows = max(1, BOUND_CHUNK_ELEMENTS // len(self))
+            bank = self.bank.numpy()
+            for first in range(0, len(queries), rows):
+                chunk = queries[first : first + rows]
+                bounds, allowance = self._bounds.bounds(chunk)
+                _nearest_within_bounds(bounds.numpy(), allowance.numpy(), bank, chunk.numpy(), start, stop, nearest[first : first + rows], measured[first : first + rows])
         self.queries_bounded += len(queries)
         self.entries_measured += int(measured.sum())
         return torch.from_numpy(nearest)[:, None]
+
+    def _rescan(self, queries: torch.Tensor, exclude: tuple[int, int] | None) -> np.ndarray:
+        """Each query's nearest bank row by the full scan: faiss's few nearest candidates, of
+        which the nearest measured as the bounded search measures (the lowest row on a tie).
+
+        faiss ranks by |q|^2 - 2 q.b + |b|^2 in float32, with a rounding that depends on how many
+        queries come together, and whether a query is rescanned depends on the order its cells
+        were read in: measured again, the answer is the bounded search's, whichever path it took."""
+        count = min(RESCAN_CANDIDATES, len(self) - (0 if exclude is None else exclude[1] - exclude[0]))
+        if exclude is not None:
+            candidates = self._search_excluding(queries, count, *exclude)[1].numpy()
+        else:
+            candidates = faiss.knn(queries.numpy(), self.bank.numpy(), count)[1]
+        nearest = np.empty(len(queries), dtype=np.int64)
+        _nearest_candidates(self.bank.numpy(), queries.numpy(), np.ascontiguousarray(candidates, dtype=np.int64), nearest)
+        return nearest
 
     def _exact_distances(self, queries: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Distances to the entries found, computed again as ||q - b||, nearest first.
@@ -226,13 +391,19 @@ BOUND_CHUNK_ELEMENTS = 2**24
 
 #: principal components the bounds use (Wide ResNet-50's 1536-d features: 12x fewer dimensions)
 BOUND_COMPONENTS = 128
-#: narrower features are searched by the full scan: at 128 dimensions (MobileNetV2) the bounds,
-#: at a quarter of the width, cost as much as faiss's scan (benchmarks/search.py, "forced" column)
+#: narrower features are bounded by k-means cells instead: at 128 dimensions (MobileNetV2) the
+#: principal bounds, at a quarter of the width, cost as much as faiss's full scan
+#: (benchmarks/search.py, "principal bounds" column)
 BOUNDED_MIN_DIMS = 4 * BOUND_COMPONENTS
+#: a cell-bounded query that has measured more than this share of the bank is finished by the
+#: full scan, whose blocked matrix product measures entries several times faster
+RESCAN_FRACTION = 0.125
+#: candidates the full scan hands back for such a query, measured again from the differences
+RESCAN_CANDIDATES = 8
 
 
 def leading_components(dims: int) -> int:
-    """Principal components the bounded search uses for features of ``dims``: 0 when it does not pay."""
+    """Principal components the bounded search uses for features of ``dims``: 0 when the cell bounds are used instead."""
     return BOUND_COMPONENTS if dims >= BOUNDED_MIN_DIMS else 0
 
 

@@ -273,14 +273,76 @@ def test_the_bounded_search_finds_the_exact_nearest_entry_measuring_few(monkeypa
     assert index.entries_measured < 0.1 * 500 * 3000
 
 
-def test_narrow_features_are_searched_by_the_full_scan():
-    # At MobileNetV2's 128 dimensions the bounds cost as much as the scan: not used.
-    index = NearestNeighbourIndex(clustered_features(500, 128, seed=1))
-    index.search(clustered_features(50, 128, seed=2), k=1)
-    assert index.queries_bounded == 0
+def test_narrow_features_are_bounded_by_cells_and_wide_ones_by_principal_components():
+    # At MobileNetV2's 128 dimensions principal bounds cost as much as the scan: cells instead.
+    from patchcore import search
+
+    narrow = NearestNeighbourIndex(clustered_features(2000, 128, seed=1))
+    narrow.search(clustered_features(50, 128, seed=2), k=1)
+    assert isinstance(narrow._bounds, search.CellBoundIndex) and narrow.queries_bounded == 50
     wide = NearestNeighbourIndex(clustered_features(500, 1536, seed=1))
     wide.search(clustered_features(50, 1536, seed=2), k=1)
-    assert wide.queries_bounded == 50
+    assert isinstance(wide._bounds, search.LowerBoundIndex) and wide.queries_bounded == 50
+    scan = NearestNeighbourIndex(clustered_features(2000, 128, seed=1), bounds=False)
+    scan.search(clustered_features(50, 128, seed=2), k=1)
+    assert scan._bounds is None and scan.queries_bounded == 0
+
+
+def brute_force_nearest(queries: torch.Tensor, bank: torch.Tensor, exclude: tuple[int, int] | None = None):
+    """float64 nearest distances and rows, the lowest row on a tie (numpy's argmin)."""
+    import numpy as np
+
+    exact = torch.cdist(queries.double(), bank.double(), compute_mode="donot_use_mm_for_euclid_dist").numpy()
+    if exclude is not None:
+        exact[:, exclude[0] : exclude[1]] = np.inf
+    rows = exact.argmin(axis=1)
+    return torch.from_numpy(exact[np.arange(len(rows)), rows]), torch.from_numpy(rows)
+
+
+@pytest.mark.parametrize("dims", [16, 128])
+def test_the_cell_bounds_find_the_exact_nearest_entry_measuring_few(dims):
+    # Bank and queries drawn from the same clusters, as a test image's patches and the bank are.
+    points = clustered_features(6600, dims, seed=5)
+    bank, queries = points[:6000].clone(), points[6000:].clone()
+    bank[3000:3010] = bank[10:20]  # duplicate entries: the lower row wins, as brute force's argmin
+    queries[:40] = bank[100:140]  # exact hits: distance 0
+    queries[40:50] = bank[10:20]
+    queries[50:90] = bank[200:240] + 1e-3 * clustered_features(40, dims, seed=7)  # near hits
+    index = NearestNeighbourIndex(bank)
+    distances, indices = index.search(queries, k=1)
+    expected, expected_rows = brute_force_nearest(queries, bank)
+    assert torch.equal(indices[:, 0], expected_rows)
+    assert float(((distances[:, 0].double() - expected).abs() / expected.clamp(min=1e-12)).max()) < 1e-5
+    assert float(distances[:50].max()) == 0.0
+    assert index.queries_bounded == 600 and index.queries_rescanned == 0
+    # Far fewer entries measured than the full scan's 6,000 a query.
+    assert index.entries_measured < 0.05 * 600 * 6000
+
+
+def test_the_cell_bounds_leave_entries_out_exactly_and_rescan_far_queries():
+    # Leave-one-image-out with narrow features: the run left out is never found, even by
+    # queries that are those very entries. Queries far from every entry measure the whole
+    # bank by their bounds, so they are finished by the full scan, whose candidates are measured
+    # again: the same answer, whichever queries are searched together. (Some 677 away, two
+    # entries of the far queries lie 1.8e-8 apart, below float32's resolution: the distance is
+    # checked there, not which of the two is found.)
+    points = clustered_features(3300, 128, seed=8)
+    bank, queries = points[:3000].clone(), points[3000:].clone()
+    queries[:30] = bank[500:530]
+    queries[250:] += 60.0  # 50 queries far outside the bank
+    index = NearestNeighbourIndex(bank)
+    for exclude in [None, (400, 2400)]:  # most of the bank left out: far queries' nearest too
+        distances, indices = index.search(queries, k=1, exclude=exclude)
+        expected, expected_rows = brute_force_nearest(queries, bank, exclude)
+        assert torch.equal(indices[:250, 0], expected_rows[:250])
+        assert float(((distances[:, 0].double() - expected).abs() / expected.clamp(min=1e-12)).max()) < 1e-5
+        if exclude is None:
+            assert index.queries_rescanned == 50  # the far ones, and only they
+    assert not bool(((indices >= 400) & (indices < 2400)).any())
+    assert index.queries_bounded == 600 and index.queries_rescanned > 50
+    # faiss's own ranking of far queries changes with the batch; the answer does not.
+    alone = torch.cat([index.search(queries[i : i + 1], k=1)[1] for i in range(250, 300)])
+    assert torch.equal(alone, index.search(queries, k=1)[1][250:])
 
 
 def test_the_bounded_search_leaves_entries_out_exactly():
@@ -299,3 +361,25 @@ def test_the_bounded_search_leaves_entries_out_exactly():
     assert float(((distances[:, 0].double() - expected).abs() / expected).max()) < 1e-5
     with pytest.raises(ValueError, match="leaving those entries out leaves an empty memory bank"):
         index.search(queries[:2], k=1, exclude=(0, 2000))
+
+
+def test_a_compiled_search_leaves_torchs_thread_count_as_the_user_set_it():
+    # numba's OpenMP pool sets the process's thread count to its own when it starts; the
+    # backbone's features change in the last bits with it, so a Ray actor's one thread (or a
+    # user's OMP_NUM_THREADS=1) must still hold after the first search. A fresh process: the
+    # pool starts once per process.
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "from patchcore.search import NearestNeighbourIndex\n"
+        "before = torch.get_num_threads()\n"
+        "bank = torch.rand(4000, 128)\n"
+        "NearestNeighbourIndex(bank).search(bank[:100] + 0.01, k=1)\n"
+        "print(before, torch.get_num_threads())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "2"}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1", "1"]
