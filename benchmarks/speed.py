@@ -8,8 +8,9 @@ On MVTec AD bottle with MobileNetV2 (256 px, 10% coreset) it measures, in one ru
 - fit: feature extraction, coreset selection and total wall time, and peak memory, for
   patchcore and for a plain reference (exact greedy selection with one full distance pass per
   pick, and exact brute-force search, as anomalib does), and the ratio between the two;
-- scoring: images per second over the bottle's 292 train and test images with a picture written
-  per image (`patchcore predict`), and the per-image split (decode and resize, backbone,
+- scoring: images per second over the bottle's 83 test images (those anomalib's test scores) with
+  a picture written per image (`patchcore predict`, timed after its imports as anomalib's
+  ``engine.test`` is, and for the whole process), and the per-image split (decode and resize, backbone,
   nearest-neighbour search with eq. 7, map upsampling and blur) for each search path;
 - accuracy of each path (image and pixel AUROC on the test set), and the recall of the
   approximate (IVF) index against exact search;
@@ -275,17 +276,31 @@ def ivf_recall(model, paths: list[Path]) -> float:
     return float(found.float().mean())
 
 
-def throughput(model_file: Path, paths: list[Path], index: str) -> float:
-    """Images per second of `patchcore predict` over ``paths``, pictures written, start-up included."""
+def throughput(model_file: Path, paths: list[Path], index: str) -> dict:
+    """Images per second of `patchcore predict` over ``paths`` with pictures, in a child process:
+    timed around the command after the interpreter has imported it (as anomalib's ``engine.test``
+    is timed, after its imports and fit), and for the whole process (start-up and imports too)."""
     with tempfile.TemporaryDirectory() as out:
         listing = Path(out) / "inputs"
         listing.mkdir()
         for number, path in enumerate(paths):
             (listing / f"{number:04d}_{path.name}").symlink_to(path.resolve())
-        command = [sys.executable, "-m", "patchcore.cli", "predict", str(model_file), str(listing), "--out", str(Path(out) / "predictions"), "--quiet", "--index", index]
         started = time.perf_counter()
-        subprocess.run(command, check=True, capture_output=True)
-        return len(paths) / (time.perf_counter() - started)
+        child = run_child("--worker-predict", str(model_file), "--images", str(listing), "--index", index, "--scratch", out)
+        whole = time.perf_counter() - started
+    return {"images": len(paths), "images_per_second": len(paths) / child["seconds"], "whole_process_images_per_second": len(paths) / whole}
+
+
+def worker_predict(args: argparse.Namespace) -> dict:
+    """One `patchcore predict` with pictures, timed after the imports."""
+    from patchcore import cli, model, render, search  # noqa: F401  (imported before the clock starts)
+
+    started = time.perf_counter()
+    code = cli.main(["predict", args.worker_predict, args.images, "--out", str(Path(args.scratch) / "predictions"), "--quiet", "--index", args.index])
+    seconds = time.perf_counter() - started
+    if code != 0:
+        raise RuntimeError(f"patchcore predict exited with {code}")
+    return {"seconds": seconds}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,13 +387,13 @@ def main_run(args: argparse.Namespace) -> dict:
 
         wide_test = [sample.path for sample in list_test_samples(bottle)]
         print(f"Wide ResNet-50: patchcore predict over {len(wide_test)} test images with pictures", flush=True)
-        wide_ips = throughput(wide_file, wide_test, "exact")
+        wide_scoring = throughput(wide_file, wide_test, "exact")
         anomalib_wide = ANOMALIB.get("wide_resnet50_2")
         results["wide_resnet50_2"] = {
             "fit": wide_fit,
-            "scoring_images_per_second": wide_ips,
+            "scoring_throughput": wide_scoring,
             "anomalib_images_per_second": anomalib_wide["scoring_images_per_second"] if anomalib_wide else None,
-            "speedup_vs_anomalib": wide_ips / anomalib_wide["scoring_images_per_second"] if anomalib_wide else None,
+            "speedup_vs_anomalib": wide_scoring["images_per_second"] / anomalib_wide["scoring_images_per_second"] if anomalib_wide else None,
         }
         model_file = scratch / "bottle.safetensors"
         common = ["--images", str(bottle / "train" / "good"), "--backbone", "mobilenet_v2", "--device", args.device, "--scratch", str(scratch)]
@@ -396,14 +411,16 @@ def main_run(args: argparse.Namespace) -> dict:
             "reference": reference,
             "speedup_vs_reference": reference["fit_seconds"] / ours["fit_seconds"],
             "coreset_speedup_vs_reference": reference["phases"]["coreset"] / ours["phases"]["coreset"],
-            "speedup_vs_anomalib": ANOMALIB["fit_seconds"] / ours["process_seconds"],
+            # anomalib's fit is timed around engine.fit, after its imports: like ours in-process;
+            # ours for the whole process (start-up, imports and the model file written) besides.
+            "speedup_vs_anomalib": ANOMALIB["fit_seconds"] / ours["fit_seconds"],
+            "whole_process_speedup_vs_anomalib": ANOMALIB["fit_seconds"] / ours["process_seconds"],
         }
 
         from patchcore import PatchCore
-        from patchcore.data import find_images, list_test_samples
+        from patchcore.data import list_test_samples
 
         test_paths = [s.path for s in list_test_samples(bottle)]
-        all_paths = test_paths + find_images(bottle / "train" / "good")
         model = PatchCore.load(model_file, device=args.device, progress=False)
         print("scoring: stage split", flush=True)
         results["scoring_split_ms_per_image"] = {
@@ -418,9 +435,10 @@ def main_run(args: argparse.Namespace) -> dict:
             "reference": run_child("--worker-accuracy", str(scratch / "reference.safetensors"), str(bottle)),
         }
         results["ivf_recall"] = ivf_recall(model, test_paths)
-        print(f"scoring: throughput over {len(all_paths)} images with pictures", flush=True)
-        results["scoring_images_per_second"] = {index: throughput(model_file, all_paths, index) for index in ("exact", "ivf")}
-        results["scoring_speedup_vs_anomalib"] = {k: v / ANOMALIB["scoring_images_per_second"] for k, v in results["scoring_images_per_second"].items()}
+        # The images anomalib's engine.test scores: bottle's 83 test images.
+        print(f"scoring: throughput over {len(test_paths)} images with pictures", flush=True)
+        results["scoring_throughput"] = {index: throughput(model_file, test_paths, index) for index in ("exact", "ivf")}
+        results["scoring_speedup_vs_anomalib"] = {k: v["images_per_second"] / ANOMALIB["scoring_images_per_second"] for k, v in results["scoring_throughput"].items()}
 
         previous = args.out / "speed.json"
         if args.skip_scale and previous.is_file() and "scale" in json.loads(previous.read_text()):
@@ -456,7 +474,8 @@ def markdown(r: dict) -> str:
         "",
         "| bottle, MobileNetV2, 10% coreset | patchcore | plain reference | anomalib 2.7 |",
         "|---|---|---|---|",
-        f"| fit, whole process (s) | {fit['patchcore']['process_seconds']:.1f} | {fit['reference']['process_seconds']:.1f} | {r['anomalib_2_7']['fit_seconds']:.0f} |",
+        f"| fit (s), timed around the fit | {fit['patchcore']['fit_seconds']:.1f} | {fit['reference']['fit_seconds']:.1f} | {r['anomalib_2_7']['fit_seconds']:.0f} |",
+        f"| fit, whole process (s) | {fit['patchcore']['process_seconds']:.1f} | {fit['reference']['process_seconds']:.1f} | - |",
         f"| fit: features / coreset / calibration (s) | {_phases(fit['patchcore'])} | {_phases(fit['reference'])} | - |",
         f"| fit peak memory (GB) | {fit['patchcore']['peak_memory_gb']:.2f} | {fit['reference']['peak_memory_gb']:.2f} | {r['anomalib_2_7']['peak_memory_gb']:.2f} |",
         f"| image AUROC / pixel AUROC | {acc['exact']['image_auroc']:.3f} / {acc['exact']['pixel_auroc']:.3f} | "
@@ -464,7 +483,8 @@ def markdown(r: dict) -> str:
         "",
         f"Fitting cookies (31 images, 576 x 768) peaks at {r['fit_cookies']['peak_memory_gb']:.2f} GB in {r['fit_cookies']['fit_seconds']:.1f} s.",
         "",
-        f"Fit: {fit['speedup_vs_anomalib']:.0f}x faster than anomalib 2.7's fit ({r['anomalib_2_7']['source']}), {fit['speedup_vs_reference']:.1f}x faster "
+        f"Fit: {fit['speedup_vs_anomalib']:.0f}x faster than anomalib 2.7's fit ({r['anomalib_2_7']['source']}; both timed around the fit, after the "
+        f"imports), {fit['whole_process_speedup_vs_anomalib']:.0f}x counting our whole process; {fit['speedup_vs_reference']:.1f}x faster "
         f"than the plain reference in the same run (coreset alone {fit['coreset_speedup_vs_reference']:.1f}x).",
         "",
         "| scoring, ms per image | decode + resize | backbone | search + eq. 7 | maps |",
@@ -472,11 +492,14 @@ def markdown(r: dict) -> str:
     ]
     for name, stages in split.items():
         lines.append(f"| {name} | " + " | ".join(f"{stages[k]:.1f}" for k in ("decode_and_resize", "backbone", "search_and_eq7", "maps")) + " |")
-    ips = r["scoring_images_per_second"]
+    ips = {index: t["images_per_second"] for index, t in r["scoring_throughput"].items()}
+    whole = {index: t["whole_process_images_per_second"] for index, t in r["scoring_throughput"].items()}
     lines += [
         "",
-        f"`patchcore predict` over 292 bottle images with pictures: {ips['exact']:.1f} images/s exact ({r['scoring_speedup_vs_anomalib']['exact']:.1f}x anomalib's "
-        f"{r['anomalib_2_7']['scoring_images_per_second']:.1f}), {ips['ivf']:.1f} images/s with `--index ivf` ({r['scoring_speedup_vs_anomalib']['ivf']:.1f}x).",
+        f"`patchcore predict` over bottle's {r['scoring_throughput']['exact']['images']} test images (those anomalib's engine.test scores) with pictures, "
+        f"timed after the imports as anomalib's test is: {ips['exact']:.1f} images/s exact ({r['scoring_speedup_vs_anomalib']['exact']:.1f}x anomalib's "
+        f"{r['anomalib_2_7']['scoring_images_per_second']:.1f}), {ips['ivf']:.1f} images/s with `--index ivf` ({r['scoring_speedup_vs_anomalib']['ivf']:.1f}x); "
+        f"the whole process, start-up and imports included: {whole['exact']:.1f} and {whole['ivf']:.1f} images/s.",
         f"IVF recall of the exact nearest bank entry: {r['ivf_recall']:.4f}; image / pixel AUROC with IVF {acc['ivf']['image_auroc']:.3f} / {acc['ivf']['pixel_auroc']:.3f}.",
     ]
     wide = r.get("wide_resnet50_2")
@@ -490,7 +513,8 @@ def markdown(r: dict) -> str:
             "",
             f"Wide ResNet-50 (seeded random weights: timing only; bank {bank} from bottle's training images, fitted in "
             f"{wide['fit']['process_seconds']:.1f} s): `patchcore predict` over the 83 test images with pictures, exact search, "
-            f"{wide['scoring_images_per_second']:.2f} images/s, {against}.",
+            f"{wide['scoring_throughput']['images_per_second']:.2f} images/s timed after the imports, {against} "
+            f"(whole process {wide['scoring_throughput']['whole_process_images_per_second']:.2f} images/s).",
         ]
     if "scale" in r:
         origin = f" (from {r['scale_from_earlier_run']})" if "scale_from_earlier_run" in r else ""
@@ -521,6 +545,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     # child-process modes
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker-accuracy", nargs=2, metavar=("MODEL", "DATA"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker-predict", metavar="MODEL", help=argparse.SUPPRESS)
+    parser.add_argument("--index", default="exact", help=argparse.SUPPRESS)
     parser.add_argument("--images", help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--backbone", default="mobilenet_v2", help=argparse.SUPPRESS)
@@ -536,6 +562,8 @@ if __name__ == "__main__":
     arguments = parse()
     if arguments.worker:
         print(json.dumps(worker_fit(arguments)))
+    elif arguments.worker_predict:
+        print(json.dumps(worker_predict(arguments)))
     elif arguments.worker_accuracy:
         print(json.dumps(accuracy(Path(arguments.worker_accuracy[0]), Path(arguments.worker_accuracy[1]), "exact", reference=True)))
     elif arguments.markdown_only:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
+import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -173,9 +174,11 @@ def _decode(source: Path | io.BytesIO, name: str, max_pixels: int | None) -> np.
             width, height = image.size
             if max_pixels is not None and width * height > max_pixels:
                 raise ImageTooLargeError(f"'{name}': image is {width}x{height} px, more than the limit of {max_pixels:,} pixels")
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            array = _to_rgb8(image)
+            array = _plain_png(image, source)
+            if array is None:
+                image.load()
+                image = ImageOps.exif_transpose(image)
+                array = _to_rgb8(image)
     except BadInputError:
         raise
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
@@ -188,6 +191,22 @@ def _decode(source: Path | io.BytesIO, name: str, max_pixels: int | None) -> np.
     if array.shape[0] < 8 or array.shape[1] < 8:
         raise BadInputError(f"'{name}': image is {array.shape[1]}x{array.shape[0]} px, too small (at least 8x8)")
     return array
+
+
+def _plain_png(image: Image.Image, source: Path | io.BytesIO) -> np.ndarray | None:
+    """An 8-bit RGB or grayscale PNG decoded by OpenCV, which reads it faster than Pillow, to the
+    very same pixels (PNG is lossless); None for any other image, which Pillow decodes. A PNG's
+    EXIF (which may turn the image) can follow its pixels, so one whose decoded size is not its
+    header's, or that has EXIF at all, goes to Pillow too."""
+    if image.format != "PNG" or image.mode not in ("RGB", "L") or "transparency" in image.info or "exif" in image.info:
+        return None
+    data = source.getvalue() if isinstance(source, io.BytesIO) else source.read_bytes()
+    if b"eXIf" in data:
+        return None
+    decoded = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    if decoded is None or decoded.shape[:2] != (image.height, image.width):
+        return None  # damaged: Pillow names the cause
+    return np.ascontiguousarray(decoded[..., ::-1])
 
 
 def image_size_hw(path: str | Path) -> tuple[int, int] | None:

@@ -17,7 +17,7 @@ Design, one Ray Data pipeline per run:
   (``data.read_image_bytes``), prepares it (``data.prepare_image``) and scores the batch through
   the library's one scoring path, ``predict_loaded`` (``PatchCore`` or ``runtime.ExportedModel``).
   A bad image becomes a record with its error, as locally. The actor renders the picture too and
-  sends it back PNG-encoded (encoding is most of a picture's cost).
+  sends it back encoded, JPEG or PNG (encoding is much of a picture's cost).
 * **Results.** The driver receives one JSON record (and PNG) per image, in input order (Ray
   Data's ``preserve_order``), and writes ``predictions.jsonl`` and the pictures as local
   ``predict`` does.
@@ -82,8 +82,8 @@ def model_files(path: str | Path) -> dict[str, bytes]:
 
 @dataclass
 class RayResult:
-    """One image's result from the actor pool: its JSON record, its picture as PNG (None when no
-    pictures were asked for or the image was skipped) and the Ray node that scored it."""
+    """One image's result from the actor pool: its JSON record, its picture as JPEG or PNG bytes
+    (None when no pictures were asked for or the image was skipped) and the Ray node that scored it."""
 
     record: dict[str, Any]
     picture: bytes | None
@@ -94,7 +94,7 @@ class Scorer:
     """A scoring actor's work (``map_batches`` callable class): loads the model once, then turns
     batches of (path, bytes, error) into (record, picture, node) through ``predict_loaded``."""
 
-    def __init__(self, model_ref: list, name: str, pictures: bool, threshold: float | None, load_options: dict[str, Any]) -> None:
+    def __init__(self, model_ref: list, name: str, pictures: str | None, threshold: float | None, load_options: dict[str, Any]) -> None:
         import ray
 
         from .cli import load_model
@@ -116,7 +116,7 @@ class Scorer:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from .data import BadInputError, LoadedImage, prepare_image, read_image_bytes
-        from .render import encode_png, predict_picture
+        from .render import encode_picture, predict_picture
 
         loaded = []
         names = [str(name) for name in batch["path"]]
@@ -130,14 +130,14 @@ class Scorer:
             except BadInputError as failure:
                 loaded.append(LoadedImage(Path(name), error=str(failure)))
                 continue
-            loaded.append(prepare_image(name, rgb, self.model.layout_, keep_rgb=self.pictures, as_array=self.exported))
+            loaded.append(prepare_image(name, rgb, self.model.layout_, keep_rgb=self.pictures is not None, as_array=self.exported))
         records, pictures = [], []
         for name, prediction in zip(names, self.model.predict_loaded(loaded, self.threshold)):
             # The path as given: a URI's "s3://" would not survive the Path the image was named by.
             records.append(json.dumps({**prediction.to_record(), "path": name}))
-            if self.pictures and prediction.error is None:
+            if self.pictures is not None and prediction.error is None:
                 picture = predict_picture(prediction.image, prediction.map_at, self.model.calibration_, prediction.score, prediction.is_anomalous)
-                pictures.append(encode_png(picture))
+                pictures.append(encode_picture(picture, self.pictures))
             else:
                 pictures.append(b"")
         return {"record": np.array(records, dtype=object), "picture": np.array(pictures, dtype=object), "node": np.array([self.node] * len(records), dtype=object)}
@@ -164,12 +164,12 @@ class RayScoring:
 
     ``address`` None starts a local Ray instance (stopped again on exit); a cluster's address
     (``HOST:PORT`` of its head) joins that cluster. ``actors`` is the size of the scoring pool
-    (default: one per CPU of the cluster, or per GPU with ``device="cuda"``); the other options
-    are local ``predict``'s.
+    (default: one per CPU of the cluster, or per GPU with ``device="cuda"``); ``pictures`` is the
+    pictures' format ("jpg" or "png"; None: no pictures); the other options are local ``predict``'s.
     """
 
     def __init__(
-        self, model: str | Path, address: str | None = None, actors: int | None = None, pictures: bool = True,
+        self, model: str | Path, address: str | None = None, actors: int | None = None, pictures: str | None = "jpg",
         threshold: float | None = None, false_alarm_rate: float | None = None, device: str = "auto",
         batch_size: int = 8, index: str | None = None, progress: bool = True,
     ) -> None:

@@ -45,12 +45,20 @@ class Region:
 
 def find_regions(anomaly_map: np.ndarray, calibration: Calibration) -> list[Region]:
     """The regions of an (H, W) anomaly map at the image's resolution, highest peak first."""
-    above = (anomaly_map >= calibration.pixel_threshold).astype(np.uint8)
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(above, connectivity=8)
+    above = anomaly_map >= calibration.pixel_threshold
+    rows, columns = np.flatnonzero(above.any(axis=1)), np.flatnonzero(above.any(axis=0))
+    if len(rows) == 0:
+        return []
+    # Labelled within the box around every pixel above (each region lies inside it, so the labels
+    # are the whole map's): a defect is a small part of a large image.
+    top, left = int(rows[0]), int(columns[0])
+    box = (slice(top, int(rows[-1]) + 1), slice(left, int(columns[-1]) + 1))
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(above[box].astype(np.uint8), connectivity=8)
     regions = []
     for label in range(1, count):  # 0 is the background
         x, y, width, height, area = (int(v) for v in stats[label])
         inside = labels[y : y + height, x : x + width] == label
+        x, y = x + left, y + top
         peak = float(anomaly_map[y : y + height, x : x + width][inside].max())
         regions.append(Region(_outline(inside, x, y), (x, y, width, height), area, float(calibration.normalize_maps(np.float32(peak)))))
     return sorted(regions, key=lambda region: -region.peak_normalized_score)

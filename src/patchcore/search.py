@@ -396,8 +396,10 @@ BOUND_COMPONENTS = 128
 #: (benchmarks/search.py, "principal bounds" column)
 BOUNDED_MIN_DIMS = 4 * BOUND_COMPONENTS
 #: a cell-bounded query that has measured more than this share of the bank is finished by the
-#: full scan, whose blocked matrix product measures entries several times faster
-RESCAN_FRACTION = 0.125
+#: full scan, whose blocked matrix product measures entries several times faster. On real images,
+#: even of another product, hardly a query gets there (a rescan costs a small-batch scan, which
+#: made 1/8 slower than 1/2 on every shared set); it bounds a query far from everything.
+RESCAN_FRACTION = 0.5
 #: candidates the full scan hands back for such a query, measured again from the differences
 RESCAN_CANDIDATES = 8
 

@@ -129,9 +129,25 @@ def test_predict_command_reports_bad_files_and_scores_the_rest(model_file, welds
         width, height = Image.open(good[0]).size
         picture = Image.open(record["picture"])
         assert picture.size == (width, height + 24)  # the overlay at the image's size, with a caption band
+        assert picture.format == "JPEG" and record["picture"].endswith(".jpg")  # the default
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert err.count("\nskipped ") + err.startswith("skipped ") == 2 and "scored 3 images, skipped 2" in err
+
+
+def test_predict_writes_lossless_pictures_when_asked(model_file, welds, tmp_path):
+    from patchcore.render import predict_picture
+
+    image = sorted((welds / "test" / "good").iterdir())[0]
+    out = tmp_path / "out"
+    assert main(["predict", str(model_file), str(image), "--out", str(out), "--quiet", "--picture-format", "png"]) == 0
+    record = json.loads((out / "predictions.jsonl").read_text())
+    assert record["picture"] == str(out / "images" / f"{image.stem}.png")
+    # Lossless: the very pixels the renderer drew.
+    model = PatchCore.load(model_file, progress=False)
+    prediction = next(model.iter_predictions([image], keep_images=True))
+    drawn = predict_picture(prediction.image, prediction.map_at, model.calibration_, prediction.score, prediction.is_anomalous)
+    assert np.array_equal(np.asarray(Image.open(record["picture"]).convert("RGB")), drawn)
 
 
 def test_commands_give_one_line_errors(model_file, tmp_path, capsys):
