@@ -196,6 +196,35 @@ def test_read_jpeg_applies_exif_orientation(tmp_path: Path) -> None:
     assert array[-20:, -20:].mean() < 50
 
 
+def test_plain_pngs_are_decoded_by_opencv_to_pillows_pixels(tmp_path: Path) -> None:
+    # 8-bit RGB and gray PNGs take the faster OpenCV path: Pillow's very pixels, in RGB order,
+    # from a file or from bytes (an upload).
+    from patchcore import data
+
+    rng = np.random.default_rng(5)
+    for name, pixels in (("rgb.png", rng.integers(0, 256, size=(33, 47, 3), dtype=np.uint8)), ("gray.png", rng.integers(0, 256, size=(21, 19), dtype=np.uint8))):
+        path = tmp_path / name
+        Image.fromarray(pixels).save(path)
+        with Image.open(path) as image:
+            assert data._plain_png(image, path) is not None
+        expected = np.asarray(Image.open(path).convert("RGB"))
+        np.testing.assert_array_equal(read_image(path), expected)
+        np.testing.assert_array_equal(data.read_image_bytes(path.read_bytes(), name), expected)
+
+
+def test_read_png_applies_exif_orientation(tmp_path: Path) -> None:
+    # A PNG that carries EXIF goes to Pillow, which turns it as a JPEG is turned.
+    stored = np.zeros((64, 40, 3), dtype=np.uint8)
+    stored[:20, :20] = (255, 255, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "rotated.png"
+    Image.fromarray(stored).save(path, exif=exif.tobytes())
+    array = read_image(path)
+    assert array.shape == (40, 64, 3)
+    assert array[:20, -20:].mean() > 200 and array[:20, :20].mean() < 50
+
+
 def test_read_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "nope.png"
     with pytest.raises(BadInputError, match=exact(f"'{path}': no such file")):
