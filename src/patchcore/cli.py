@@ -9,11 +9,6 @@ import os
 import sys
 import time
 
-# OpenMP threads (torch's and numba's) spin while they wait for work. Beside the threads that
-# decode images and write pictures, on as many cores, the spinning takes the cores the work
-# needs: waiting passively made predict a few percent faster here. Set before torch loads OpenMP; a
-# value the user set is kept.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from functools import partial
 from pathlib import Path
 from typing import Sequence
@@ -23,6 +18,12 @@ from .calibrate import DEFAULT_FALSE_ALARM_RATE
 from .data import expand_paths, training_images
 from .errors import BadInputError, ClusterError, ModelFileError, WeightsError, is_missing_pytorch
 from .render import PICTURE_FORMATS
+
+# OpenMP threads (torch's and numba's) spin while they wait for work. Beside the threads that
+# decode images and write pictures, on as many cores, the spinning takes the cores the work
+# needs: waiting passively made predict a few percent faster here. Set before torch loads
+# OpenMP (nothing above imports it); a value the user set is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 class _BackboneNames:

@@ -198,7 +198,8 @@ def _plain_png(image: Image.Image, source: Path | io.BytesIO) -> np.ndarray | No
     very same pixels (PNG is lossless); None for any other image, which Pillow decodes. A PNG's
     EXIF (which may turn the image) can follow its pixels, so one whose decoded size is not its
     header's, or that has EXIF at all, goes to Pillow too."""
-    if image.format != "PNG" or image.mode not in ("RGB", "L") or "transparency" in image.info or "exif" in image.info:
+    eight_bit = len(image.tile) == 1 and image.tile[0][3] in ("RGB", "L")  # the raw mode: 8 bits a sample
+    if image.format != "PNG" or not eight_bit or "transparency" in image.info or "exif" in image.info:
         return None
     data = source.getvalue() if isinstance(source, io.BytesIO) else source.read_bytes()
     if b"eXIf" in data:
