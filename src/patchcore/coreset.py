@@ -106,7 +106,7 @@ def greedy_coreset(
         initial_centres = initial_centres.float().to(points.device).contiguous()
     start = None if initial_centres is None else _nearest_initial_centres(points, initial_centres)
     if points.device.type == "cpu":
-        # float16 goes to the compiled loop as its bit patterns, read through a table.
+        # float16 goes to the compiled loop as its bit patterns, which the CPU converts (numba has no float16).
         array = points.view(torch.int16).numpy().view(np.uint16) if points.dtype == torch.float16 else points.numpy()
         initial = None if initial_centres is None else (initial_centres.numpy(), start[0].numpy(), start[1].numpy())
         return torch.from_numpy(_greedy_cpu(array, count, seed, on_progress, initial, counts))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import faiss
 import numba
 import numpy as np
@@ -38,6 +40,7 @@ class LowerBoundIndex:
         self.axes = vectors.flip(dims=[1])[:, :components].contiguous()
         self.reduced_bank = self.reduce(bank)
         self.bank_norms = self.reduced_bank.square().sum(dim=1)
+        self.points = bank.float().contiguous().numpy()  # measured in full, for the few not ruled out
 
     def reduce(self, vectors: torch.Tensor) -> torch.Tensor:
         """[x_k, |x_r|] in float32, computed in float64 (|x_r|^2 = |x|^2 - |x_k|^2, Pythagoras)."""
@@ -53,6 +56,16 @@ class LowerBoundIndex:
         norms = reduced.square().sum(dim=1)
         bounds = torch.addmm(self.bank_norms[None, :], reduced, self.reduced_bank.T, alpha=-2.0).add_(norms[:, None])
         return bounds, BOUND_ALLOWANCE * (norms + self.bank_norms.max())
+
+    def nearest(self, queries: torch.Tensor, skip: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """Each query's nearest bank row (entries ``skip`` = (start, stop) left out) and how many
+        entries it measured in full."""
+
+        def search(chunk: torch.Tensor, nearest: np.ndarray, measured: np.ndarray) -> None:
+            bounds, allowance = self.bounds(chunk)
+            _nearest_within_bounds(bounds.numpy(), allowance.numpy(), self.points, chunk.numpy(), *skip, nearest, measured)
+
+        return _in_chunks(queries, max(1, BOUND_CHUNK_ELEMENTS // len(self.points)), search)
 
 
 #: relative rounding allowance of a lower bound, against the squared lengths it is computed from:
@@ -130,15 +143,13 @@ class CellBoundIndex:
         self.centres = torch.from_numpy(centres)
         self.centre_norms = self.centres.square().sum(dim=1)
 
-    def nearest(self, queries: torch.Tensor, skip: tuple[int, int], limit: int) -> tuple[np.ndarray, np.ndarray]:
+    def nearest(self, queries: torch.Tensor, skip: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """Each query's nearest bank row (entries ``skip`` = (start, stop) left out) and how many
-        entries it measured; -1 for a query that measured more than ``limit`` entries before its
-        bounds closed in, which the caller finishes by the full scan."""
-        nearest = np.empty(len(queries), dtype=np.int64)
-        measured = np.empty(len(queries), dtype=np.int64)
-        rows = max(1, BOUND_CHUNK_ELEMENTS // len(self.centres))
-        for first in range(0, len(queries), rows):
-            chunk = queries[first : first + rows]
+        entries it measured; -1 for a query that measured more than :data:`RESCAN_FRACTION` of
+        the bank before its bounds closed in, which the caller finishes by the full scan."""
+        limit = int(RESCAN_FRACTION * len(self.points))
+
+        def search(chunk: torch.Tensor, nearest: np.ndarray, measured: np.ndarray) -> None:
             norms = chunk.square().sum(dim=1)
             # Squared distances to the centres in float32 by |q|^2 - 2 q.c + |c|^2, trusted to
             # within BOUND_ALLOWANCE of those lengths (as LowerBoundIndex's bounds).
@@ -146,9 +157,21 @@ class CellBoundIndex:
             allowance = BOUND_ALLOWANCE * (norms + self.centre_norms.max())
             _nearest_in_cells(
                 centre_distances.numpy(), allowance.numpy(), self.cell_starts, self.cell_radii, self.radii, self.points, self.original,
-                chunk.numpy(), skip[0], skip[1], limit, nearest[first : first + rows], measured[first : first + rows],
+                chunk.numpy(), *skip, limit, nearest, measured,
             )
-        return nearest, measured
+
+        return _in_chunks(queries, max(1, BOUND_CHUNK_ELEMENTS // len(self.centres)), search)
+
+
+def _in_chunks(queries: torch.Tensor, rows: int, search: Callable[[torch.Tensor, np.ndarray, np.ndarray], None]) -> tuple[np.ndarray, np.ndarray]:
+    """``search(chunk, nearest, measured)`` over ``rows`` queries at a time (their bounds take
+    memory per query), filling one array of nearest rows and one of entries measured."""
+    nearest = np.empty(len(queries), dtype=np.int64)
+    measured = np.empty(len(queries), dtype=np.int64)
+    for first in range(0, len(queries), rows):
+        part = slice(first, first + rows)
+        search(queries[part], nearest[part], measured[part])
+    return nearest, measured
 
 
 #: a best distance is widened by this relative margin before entries are ruled out by it: the
@@ -313,23 +336,13 @@ class NearestNeighbourIndex:
         if self._bounds is None:
             components = leading_components(self.bank.shape[1])
             self._bounds = LowerBoundIndex(self.bank, components) if components else CellBoundIndex(self.bank)
-        if isinstance(self._bounds, CellBoundIndex):
-            # A query far from every entry (a foreign image) would measure much of the bank one
-            # entry at a time; past RESCAN_FRACTION of it, faiss's blocked scan is faster.
-            nearest, measured = self._bounds.nearest(queries, (start, stop), limit=int(RESCAN_FRACTION * len(self)))
-            rescan = np.flatnonzero(nearest < 0)
-            if len(rescan):
-                nearest[rescan] = self._rescan(queries[rescan], exclude)
-                self.queries_rescanned += len(rescan)
-        else:
-            nearest = np.empty(len(queries), dtype=np.int64)
-            measured = np.empty(len(queries), dtype=np.int64)
-            rows = max(1, BOUND_CHUNK_ELEMENTS // len(self))
-            bank = self.bank.numpy()
-            for first in range(0, len(queries), rows):
-                chunk = queries[first : first + rows]
-                bounds, allowance = self._bounds.bounds(chunk)
-                _nearest_within_bounds(bounds.numpy(), allowance.numpy(), bank, chunk.numpy(), start, stop, nearest[first : first + rows], measured[first : first + rows])
+        nearest, measured = self._bounds.nearest(queries, (start, stop))
+        # A query far from every entry (a foreign image) would measure much of the bank one entry
+        # at a time: the cell bounds give it up (-1) and faiss's blocked scan finishes it.
+        rescan = np.flatnonzero(nearest < 0)
+        if len(rescan):
+            nearest[rescan] = self._rescan(queries[rescan], exclude)
+            self.queries_rescanned += len(rescan)
         self.queries_bounded += len(queries)
         self.entries_measured += int(measured.sum())
         return torch.from_numpy(nearest)[:, None]
@@ -341,7 +354,7 @@ class NearestNeighbourIndex:
         faiss ranks by |q|^2 - 2 q.b + |b|^2 in float32, with a rounding that depends on how many
         queries come together, and whether a query is rescanned depends on the order its cells
         were read in: measured again, the answer is the bounded search's, whichever path it took."""
-        count = min(RESCAN_CANDIDATES, len(self) - (0 if exclude is None else exclude[1] - exclude[0]))
+        count = min(RESCAN_CANDIDATES, len(self))  # _search_excluding takes at most the entries kept
         if exclude is not None:
             candidates = self._search_excluding(queries, count, *exclude)[1].numpy()
         else:
