@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from patchcore import PatchCore
-from patchcore.data import list_test_samples, prepare_image, read_image, read_mask
+from patchcore.data import list_test_samples, prepare_image
+from patchcore.intake import read_image, read_mask
 from patchcore.metrics import image_auroc, pixel_auroc
 
 REPO = Path(__file__).resolve().parents[1]

@@ -114,7 +114,8 @@ def main() -> None:
     import torch
 
     from patchcore import PatchCore
-    from patchcore.data import list_test_samples, prepare_image, read_image
+    from patchcore.data import list_test_samples, prepare_image
+    from patchcore.intake import read_image
 
     bottle = args.data / "mvtec_ad" / "bottle"
     scratch = Path(tempfile.mkdtemp(prefix="export_speed."))

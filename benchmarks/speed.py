@@ -218,7 +218,7 @@ def stage_split(model, paths: list[Path], search_kind: str, reference: bool) -> 
     """Milliseconds per image in each scoring stage, measured stage by stage over ``paths``."""
     import torch
 
-    from patchcore.data import read_image
+    from patchcore.intake import read_image
     from patchcore.maps import anomaly_maps
     from patchcore.search import NearestNeighbourIndex, reweighted_image_scores
 
@@ -263,7 +263,7 @@ def ivf_recall(model, paths: list[Path]) -> float:
     """Share of test patches whose IVF nearest bank entry is the exact nearest one."""
     import torch
 
-    from patchcore.data import read_image
+    from patchcore.intake import read_image
     from patchcore.search import NearestNeighbourIndex
 
     exact, approximate = NearestNeighbourIndex(model.memory_bank_, "exact"), NearestNeighbourIndex(model.memory_bank_, "ivf")

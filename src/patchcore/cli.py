@@ -17,13 +17,8 @@ from . import __version__
 from .calibrate import DEFAULT_FALSE_ALARM_RATE
 from .data import expand_paths, training_images
 from .errors import BadInputError, ClusterError, ModelFileError, WeightsError, is_missing_pytorch
+from .intake import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_SERVER_MAX_IMAGE_PIXELS, own_the_pixel_limit
 from .render import PICTURE_FORMATS
-
-# OpenMP threads (torch's and numba's) spin while they wait for work. Beside the threads that
-# decode images and write pictures, on as many cores, the spinning takes the cores the work
-# needs: waiting passively made predict a few percent faster here. Set before torch loads
-# OpenMP (nothing above imports it); a value the user set is kept.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 class _BackboneNames:
@@ -85,7 +80,22 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     group.add_argument("--batch-size", type=int, default=8, help="images per backbone batch (default: %(default)s)")
     group.add_argument("--index", choices=["exact", "ivf"], help="nearest-neighbour search: exact (default at fit) or ivf, approximate and faster on large banks; test/predict default: the model's")
+    _add_pixel_limit(group, DEFAULT_MAX_IMAGE_PIXELS)
     group.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_pixel_limit(group: argparse._ArgumentGroup, default: int) -> None:
+    group.add_argument(
+        "--max-image-pixels", type=_pixel_count, default=default, metavar="PIXELS",
+        help="refuse images with more pixels, from their headers, before decoding them (default: %(default)s)",
+    )
+
+
+def _pixel_count(text: str) -> int:
+    value = int(text)
+    if value < 64:
+        raise argparse.ArgumentTypeError(f"must be at least 64, got {value}")
+    return value
 
 
 def _add_ray_options(parser: argparse.ArgumentParser, ray_help: str, actors_help: str) -> None:
@@ -158,9 +168,35 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch", type=int, default=8, help="images per backbone batch, gathered from concurrent requests (default: %(default)s)")
     serve.add_argument("--max-wait-ms", type=float, default=10.0, help="longest wait for a batch to fill once an image waits (default: %(default)s)")
     serve.add_argument("--max-queue", type=int, default=64, help="images waiting at most; more get 503 with Retry-After; keep it at least --max-batch, or batches stay smaller (default: %(default)s)")
-    serve.add_argument("--max-request-mb", type=float, default=32.0, help="largest request body; larger get 413 (default: %(default)s)")
-    serve.add_argument("--max-image-pixels", type=int, default=40_000_000, help="largest image in pixels, checked before decoding; larger get 413 (default: %(default)s)")
     serve.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    limits = serve.add_argument_group("limits (see the README's 'Limits' for how they relate)")
+    limits.add_argument("--max-request-mb", type=float, default=32.0, help="largest request body; larger get 413 (default: %(default)s)")
+    _add_pixel_limit(limits, DEFAULT_SERVER_MAX_IMAGE_PIXELS)
+    limits.add_argument(
+        "--max-memory-mb", type=float, metavar="MB",
+        help="memory budget of all requests together, reserved from each image's header before decoding; requests that do not fit wait "
+        "briefly, then get 503 with Retry-After (default: 1/24 of this machine's memory, at least 512 and at most 4096)",
+    )
+    limits.add_argument("--max-request-memory-mb", type=float, metavar="MB", help="most memory one request may hold; more get 413 (default: the budget less the quarter kept for small requests)")
+    limits.add_argument("--max-tiles", type=int, default=100, help="tile-mode models: most tiles an image may need; more get 413 (default: %(default)s)")
+    limits.add_argument("--max-connections", type=int, default=64, help="open connections at most; more get 503 with Retry-After (default: %(default)s)")
+    limits.add_argument("--read-timeout", type=float, default=30.0, metavar="SECONDS", help="a request's body must arrive within this; else 408 (default: %(default)s)")
+    limits.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS", help="a request's headers must arrive within this; else 408 (default: %(default)s)")
+    limits.add_argument(
+        "--refusal-delay", type=float, default=1.0, metavar="SECONDS",
+        help="answer a request refused for its content (400, 401, 413, 415, 422, nothing scored) after this, so that a client repeating it "
+        "back to back cannot keep the server busy; 0 answers at once (default: %(default)s)",
+    )
+    guard = serve.add_argument_group("access")
+    guard.add_argument("--admin-token-file", metavar="FILE", help="allow reloading over HTTP with this token (Authorization: Bearer TOKEN); also $PATCHCORE_ADMIN_TOKEN. Default: reload by SIGHUP only")
+    guard.add_argument("--api-key-file", metavar="FILE", help="scoring and model metadata need an API key: one 'NAME KEY' pair a line (default: open)")
+    guard.add_argument(
+        "--allowed-hosts", nargs="+", metavar="HOST",
+        help="Host names and addresses the server answers to ('*.example.com' for a domain, '*' for any; default: localhost and the bound address, "
+        "with --host 0.0.0.0 this machine's names and addresses, printed at start)",
+    )
+    guard.add_argument("--ssl-certfile", metavar="FILE", help="serve HTTPS with this certificate (PEM), with --ssl-keyfile")
+    guard.add_argument("--ssl-keyfile", metavar="FILE", help="the certificate's private key (PEM)")
 
     bench = commands.add_parser("benchmark", help="fit and test every category under an MVTec AD root; write the seed's tables")
     bench.add_argument("root", help="MVTec AD root (a folder of category folders)")
@@ -190,6 +226,7 @@ def _model_options(args: argparse.Namespace) -> dict:
         "batch_size": args.batch_size,
         "index": args.index or "exact",
         "temp_dir": args.temp_dir,
+        "max_image_pixels": args.max_image_pixels,
         "progress": not args.quiet,
     }
 
@@ -254,7 +291,7 @@ def _update(args: argparse.Namespace, out: Path) -> None:
     if not out.is_file():
         raise BadInputError(f"'{out}': no model to update (fit one first, without --update)")
     images = training_images(args.data)
-    model = PatchCore.load(out, device=args.device, batch_size=args.batch_size, index=args.index, progress=not args.quiet)
+    model = PatchCore.load(out, device=args.device, batch_size=args.batch_size, index=args.index, progress=not args.quiet, max_image_pixels=args.max_image_pixels)
     model.temp_dir = args.temp_dir
     before = model.memory_bank_.shape[0]
     started = time.perf_counter()
@@ -317,7 +354,7 @@ def _load(args: argparse.Namespace):
     ``predict`` on an exported file (.onnx, or OpenVINO's .xml) scores it with the runtime."""
     model = load_model(
         args.model, exported=args.command == "predict", device=args.device, batch_size=args.batch_size,
-        index=args.index, false_alarm_rate=args.false_alarm_rate, progress=not args.quiet,
+        index=args.index, false_alarm_rate=args.false_alarm_rate, progress=not args.quiet, max_image_pixels=args.max_image_pixels,
     )
     if args.false_alarm_rate is not None:
         _log_calibration(model.calibration_)
@@ -326,7 +363,7 @@ def _load(args: argparse.Namespace):
 
 def load_model(
     path: str | Path, exported: bool = True, device: str = "auto", batch_size: int = 8, index: str | None = None,
-    false_alarm_rate: float | None = None, progress: bool = False,
+    false_alarm_rate: float | None = None, progress: bool = False, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ):
     """A model ready to score: a ``.safetensors`` model as ``PatchCore``, or with ``exported`` an
     exported file (.onnx, OpenVINO's .xml) as ``runtime.ExportedModel``; its image threshold moved to
@@ -334,11 +371,11 @@ def load_model(
     if exported and Path(path).suffix in (".onnx", ".xml"):
         from .runtime import ExportedModel
 
-        model = ExportedModel(path, batch_size=batch_size)
+        model = ExportedModel(path, batch_size=batch_size, max_image_pixels=max_image_pixels)
     else:
         from .model import PatchCore
 
-        model = PatchCore.load(path, device=device, batch_size=batch_size, index=index, progress=progress)
+        model = PatchCore.load(path, device=device, batch_size=batch_size, index=index, progress=progress, max_image_pixels=max_image_pixels)
     if false_alarm_rate is not None:
         if not 0 < false_alarm_rate < 1:
             raise ValueError(f"false-alarm rate must be between 0 and 1 (e.g. 0.05 for 5%), got {false_alarm_rate}")
@@ -378,9 +415,18 @@ def _serve(args: argparse.Namespace) -> int:
         from .serve import serve
     except ImportError as error:
         raise BadInputError(f"serve needs the server's packages ({error.name} is missing): pip install 'patchcore[serve]'") from None
+    from .serve import AccessRules, ServerLimits
+
+    limits = ServerLimits(
+        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, max_request_mb=args.max_request_mb,
+        max_image_pixels=args.max_image_pixels, max_memory_mb=args.max_memory_mb, max_request_memory_mb=args.max_request_memory_mb,
+        max_tiles=args.max_tiles, max_connections=args.max_connections, read_timeout_s=args.read_timeout,
+        header_timeout_s=args.header_timeout, refusal_delay_s=args.refusal_delay,
+    )
+    access = AccessRules.from_files(args.admin_token_file, args.api_key_file)
     return serve(
-        args.model, host=args.host, port=args.port, name=args.name, device=args.device, max_batch=args.max_batch,
-        max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, max_request_mb=args.max_request_mb, max_image_pixels=args.max_image_pixels,
+        args.model, host=args.host, port=args.port, name=args.name, device=args.device, limits=limits, access=access,
+        allowed_hosts=args.allowed_hosts, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
     )
 
 
@@ -453,6 +499,7 @@ def _predict_on_ray(args: argparse.Namespace) -> int:
     with RayScoring(
         args.model, args.ray or None, actors=args.ray_actors, pictures=None if args.no_pictures else args.picture_format, threshold=args.threshold,
         false_alarm_rate=args.false_alarm_rate, device=args.device, batch_size=args.batch_size, index=args.index, progress=not args.quiet,
+        max_image_pixels=args.max_image_pixels,
     ) as ray_scoring:
         results = (
             (result.record, names(result.record["path"]), None if result.picture is None else partial(_write_picture, data=result.picture))
@@ -499,6 +546,13 @@ def _picture_names(paths: list[Path], arguments: Sequence[str], picture_format: 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # OpenMP threads (torch's and numba's) spin while they wait for work. Beside the threads that
+    # decode images and write pictures, on as many cores, the spinning takes the cores the work
+    # needs: waiting passively made predict a few percent faster here. Set before torch loads
+    # OpenMP (nothing above imports it); a value the user set is kept. Here, not on import, so
+    # that a program importing the package keeps its own settings.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    own_the_pixel_limit()  # every image this process reads goes through the intake and its --max-image-pixels
     try:
         return run(args)
     except (BadInputError, ClusterError, ModelFileError, WeightsError, ValueError) as error:

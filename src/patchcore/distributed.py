@@ -98,7 +98,9 @@ class Scorer:
         import ray
 
         from .cli import load_model
+        from .intake import own_the_pixel_limit
 
+        own_the_pixel_limit()  # this process reads images through the intake only: its limit is the driver's
         # The reference arrives inside a list so that Ray hands it over unresolved: fetched here,
         # once per actor, from the object store (which holds one copy per node).
         files: dict[str, bytes] = ray.get(model_ref[0])
@@ -115,7 +117,8 @@ class Scorer:
         self.node = ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from .data import BadInputError, LoadedImage, prepare_image, read_image_bytes
+        from .data import BadInputError, LoadedImage, prepare_image
+        from .intake import read_image_bytes
         from .render import encode_picture, predict_picture
 
         loaded = []
@@ -126,7 +129,7 @@ class Scorer:
                 loaded.append(LoadedImage(Path(name), error=str(error)))
                 continue
             try:
-                rgb = read_image_bytes(bytes(data), name)
+                rgb = read_image_bytes(bytes(data), name, self.model.max_image_pixels)
             except BadInputError as failure:
                 loaded.append(LoadedImage(Path(name), error=str(failure)))
                 continue
@@ -146,7 +149,7 @@ class Scorer:
 def read_files(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """A reading task's work on the driver's node: each local file's bytes, or the error that
     local ``predict`` reports for it (missing, unreadable)."""
-    from .data import read_file_bytes
+    from .intake import read_file_bytes
 
     contents, errors = [], []
     for path in batch["path"]:
@@ -171,7 +174,7 @@ class RayScoring:
     def __init__(
         self, model: str | Path, address: str | None = None, actors: int | None = None, pictures: str | None = "jpg",
         threshold: float | None = None, false_alarm_rate: float | None = None, device: str = "auto",
-        batch_size: int = 8, index: str | None = None, progress: bool = True,
+        batch_size: int = 8, index: str | None = None, progress: bool = True, max_image_pixels: int | None = None,
     ) -> None:
         if actors is not None and actors < 1:
             raise ValueError(f"--ray-actors must be at least 1, got {actors}")
@@ -182,7 +185,10 @@ class RayScoring:
         self.actors = actors
         self.pictures = pictures
         self.threshold = threshold
-        self.load_options = {"device": device, "batch_size": batch_size, "index": index, "false_alarm_rate": false_alarm_rate}
+        self.load_options = {
+            "device": device, "batch_size": batch_size, "index": index, "false_alarm_rate": false_alarm_rate,
+            **({} if max_image_pixels is None else {"max_image_pixels": max_image_pixels}),
+        }
         self.batch_size = batch_size
         self.gpus = 1 if device.startswith("cuda") else 0
         self.progress = progress

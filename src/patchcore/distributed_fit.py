@@ -33,7 +33,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .data import LoadedImage, image_size_hw, prepare_image, read_file_bytes, read_image_bytes
+from .data import LoadedImage, prepare_image
+from .intake import image_size_hw, own_the_pixel_limit, read_file_bytes, read_image_bytes
 from .errors import BadInputError
 from .model import PatchCore, _calibration_inputs, own_runs
 from .search import NearestNeighbourIndex
@@ -56,9 +57,11 @@ class FeatureWorker:
 
         # The driver's thread count: a convolution's sums, and so the features, depend on it.
         torch.set_num_threads(recipe["threads"])
+        own_the_pixel_limit()  # this process reads images through the intake only: its limit is the driver's
         self.model = PatchCore(
             recipe["backbone"], layers=recipe["layers"], seed=recipe["seed"], num_neighbors=recipe["num_neighbors"],
-            device=recipe["device"], batch_size=recipe["batch_size"], index=recipe["index"], temp_dir=recipe["temp_dir"], progress=False,
+            device=recipe["device"], batch_size=recipe["batch_size"], index=recipe["index"], temp_dir=recipe["temp_dir"],
+            max_image_pixels=recipe["max_image_pixels"], progress=False,
         )
         module = build_feature_extractor(get_spec(self.model.backbone), self.model.layers)
         module.load_state_dict({name: torch.from_numpy(value) for name, value in extractor.items()})
@@ -89,7 +92,7 @@ class FeatureWorker:
         if isinstance(data, str):  # the driver could not read the file
             return LoadedImage(Path(name), error=data)
         try:
-            return prepare_image(name, read_image_bytes(data, name), self.model.layout_)
+            return prepare_image(name, read_image_bytes(data, name, self.model.max_image_pixels), self.model.layout_)
         except BadInputError as error:
             return LoadedImage(Path(name), error=str(error))
 
@@ -139,6 +142,7 @@ def fit_on_ray(model: PatchCore, images: Sequence[str | Path], address: str | No
         "backbone": model.backbone, "layers": list(model.layers), "seed": model.seed, "num_neighbors": model.num_neighbors,
         "device": "cuda" if model.device.type == "cuda" else "cpu", "batch_size": model.batch_size, "index": model.index,
         "temp_dir": None if model.temp_dir is None else str(model.temp_dir), "layout": model.layout_.to_dict(), "threads": torch.get_num_threads(),
+        "max_image_pixels": model.max_image_pixels,
     }
     extractor = {name: value.detach().cpu().numpy() for name, value in model.patch_features_.extractor.state_dict().items()}
     connect(ray, address, object_store_bytes=256 * 2**20 + 2 * sum(v.nbytes for v in extractor.values()))
@@ -233,7 +237,7 @@ def _extract_everywhere(ray: Any, model: PatchCore, pool: list, paths: list[Path
                 worker = idle.popleft()
                 chunk_paths = paths[starts[next_chunk] : starts[next_chunk] + per_chunk]
                 files = [(str(path), _file_bytes(path)) for path in chunk_paths]
-                sizes = [size for size in map(image_size_hw, chunk_paths) if size is not None]
+                sizes = [size for size in (image_size_hw(path, model.max_image_pixels) for path in chunk_paths) if size is not None]
                 reference = worker.extract.remote(next_chunk, files, sizes)
                 waiting[reference] = (next_chunk, worker)
                 next_chunk += 1

@@ -12,7 +12,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .data import BadInputError, list_test_samples, read_mask
+from .data import BadInputError, list_test_samples
+from .intake import read_mask
 from .metrics import compute_metrics, pixel_auroc
 from .calibrate import Calibration
 from .model import PatchCore

@@ -27,7 +27,8 @@ from typing import Any, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image
+
+from .intake import resize_mask, resize_rgb
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: the exported-model runtime has none
     import torch
@@ -131,9 +132,8 @@ class InputLayout:
     def image_to_array(self, rgb: np.ndarray) -> np.ndarray:
         """RGB ``uint8`` (H, W, 3) to the normalised float32 input (3, h, w): Pillow's bilinear
         resize, then / 255 and ImageNet's mean and standard deviation, in float32."""
-        height, width = self.resized_hw(rgb.shape[:2])
-        resized = Image.fromarray(rgb).resize((width, height), Image.Resampling.BILINEAR)
-        array = np.asarray(resized).transpose(2, 0, 1).astype(np.float32) / np.float32(255.0)
+        resized = resize_rgb(rgb, self.resized_hw(rgb.shape[:2]))
+        array = resized.transpose(2, 0, 1).astype(np.float32) / np.float32(255.0)
         if self.center_crop:
             start, stop = self._crop_box()
             array = array[:, start:stop, start:stop]
@@ -150,9 +150,7 @@ class InputLayout:
     def mask_to_input(self, mask: np.ndarray) -> np.ndarray:
         """A full-resolution mask brought to the input grid (nearest neighbour), as anomalib
         measures pixel metrics: for comparing with it, beside the metrics on the mask's own grid."""
-        height, width = self.resized_hw(mask.shape)
-        resized = Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height), Image.Resampling.NEAREST)
-        resized = np.asarray(resized) > 127
+        resized = resize_mask(mask, self.resized_hw(mask.shape))
         if self.center_crop:
             start, stop = self._crop_box()
             resized = resized[start:stop, start:stop]

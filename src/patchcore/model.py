@@ -24,9 +24,10 @@ from . import __version__
 from .backbones import build_feature_extractor, get_spec, load_pretrained_extractor
 from .calibrate import DEFAULT_FALSE_ALARM_RATE, Calibration, calibrate
 from .coreset import greedy_coreset, random_projection
-from .data import LoadedImage, image_size_hw, load_batches
+from .data import LoadedImage, load_batches
 from .featurefile import FeatureFile
 from .features import PatchFeatures
+from .intake import DEFAULT_MAX_IMAGE_PIXELS, image_size_hw
 from .layout import InputLayout
 from .maps import anomaly_maps
 from .regions import ImagePrediction
@@ -123,6 +124,7 @@ class PatchCore:
         weights: str | Path | None = None,
         index: str = "exact",
         temp_dir: str | Path | None = None,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         progress: bool = True,
     ) -> None:
         spec = get_spec(backbone)  # fails early on an unknown name
@@ -142,6 +144,8 @@ class PatchCore:
             raise ValueError(f"unknown index {index!r}; choose one of: {', '.join(INDEX_KINDS)}")
         if batch_size < 1:
             raise ValueError(f"batch size must be at least 1, got {batch_size}")
+        if max_image_pixels is not None and max_image_pixels < 64:
+            raise ValueError(f"max image pixels must be at least 64, got {max_image_pixels}")
         self.backbone = backbone
         self.layers = tuple(layers) if layers else spec.default_layers
         self.layout = InputLayout(input_mode, image_size, center_crop, scale, tile_size, tile_overlap)
@@ -155,6 +159,7 @@ class PatchCore:
         self.weights = weights
         self.index = index
         self.temp_dir = temp_dir
+        self.max_image_pixels = max_image_pixels  # images with more are refused from their headers
         self.progress = progress
 
     # -----------------------------------------------------------------------------------------
@@ -197,7 +202,7 @@ class PatchCore:
         torch.manual_seed(self.seed)
         extractor, self.weights_sha256_ = load_pretrained_extractor(self.backbone, self.layers, self.weights)
         self.patch_features_ = PatchFeatures(extractor, self.layers).to(self.device)
-        sizes = _image_sizes(images)
+        sizes = _image_sizes(images, self.max_image_pixels)
         self.layout_ = self.layout.fitted(self.patch_features_.align, sizes)
         self.skipped_: list[str] = []
         return sizes
@@ -271,7 +276,7 @@ class PatchCore:
         the backbone. Its memory is allocated once, sized from the images' headers; the disk
         space the file will take is checked before the first row is written.
         """
-        sizes = _image_sizes(images) if sizes is None else sizes
+        sizes = _image_sizes(images, self.max_image_pixels) if sizes is None else sizes
         capacity = sum(math.prod(self.patch_features_.grid_hw(self.layout_.input_hw(size))) for size in sizes)
         file = points = None
         starts, grids, input_sizes, sources = [0], [], [], []
@@ -437,7 +442,7 @@ class PatchCore:
                     for i in range(len(chunk))
                 ]
             return
-        yield from load_batches([Path(p) for p in images], self.layout_, self.batch_size, keep_rgb=keep_images)
+        yield from load_batches([Path(p) for p in images], self.layout_, self.batch_size, keep_rgb=keep_images, max_pixels=self.max_image_pixels)
 
     def _prepare_tensor(self, batch: torch.Tensor) -> torch.Tensor:
         if batch.ndim != 4 or batch.shape[1] != 3:
@@ -473,11 +478,15 @@ class PatchCore:
         }
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "auto", batch_size: int = 8, index: str | None = None, progress: bool = True) -> "PatchCore":
+    def load(
+        cls, path: str | Path, device: str = "auto", batch_size: int = 8, index: str | None = None, progress: bool = True,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    ) -> "PatchCore":
         """Read a model written by :meth:`save`; damaged, foreign or newer files raise :class:`ModelFileError`.
 
         ``index`` overrides the search the model was saved with (``exact`` or ``ivf``). Files of
         model format 1 (patchcore 0.1) load with their thresholds as they were set.
+        ``max_image_pixels`` is the pixel limit of the images it will score (not stored in the file).
         """
         from .storage import ModelFileError
 
@@ -497,6 +506,7 @@ class PatchCore:
                 device=device,
                 batch_size=batch_size,
                 index=index or settings.get("index", "exact"),
+                max_image_pixels=max_image_pixels,
                 progress=progress,
             )
             model.layout = model.layout_ = layout
@@ -560,11 +570,11 @@ def own_runs(picks: np.ndarray, starts: np.ndarray) -> np.ndarray:
     return np.searchsorted(picks, starts)
 
 
-def _image_sizes(images: ImageInput) -> list[tuple[int, int]]:
+def _image_sizes(images: ImageInput, max_pixels: int | None) -> list[tuple[int, int]]:
     """(H, W) of every readable image, from headers only (unreadable files are reported later)."""
     if isinstance(images, torch.Tensor):
         return [tuple(images.shape[-2:])] * len(images)
-    return [size for size in map(image_size_hw, images) if size is not None]
+    return [size for size in (image_size_hw(image, max_pixels) for image in images) if size is not None]
 
 
 def _same_size_runs(loaded: Sequence[LoadedImage]) -> Iterator[tuple[torch.Tensor | None, list[LoadedImage]]]:

@@ -53,20 +53,22 @@ def find_regions(anomaly_map: np.ndarray, calibration: Calibration) -> list[Regi
     # are the whole map's): a defect is a small part of a large image.
     top, left = int(rows[0]), int(columns[0])
     box = (slice(top, int(rows[-1]) + 1), slice(left, int(columns[-1]) + 1))
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(above[box].astype(np.uint8), connectivity=8)
+    # Views, not copies, where they can be: a map can be tens of megapixels (bool is one byte, as uint8).
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(above[box].view(np.uint8), connectivity=8)
+    del above
     regions = []
     for label in range(1, count):  # 0 is the background
         x, y, width, height, area = (int(v) for v in stats[label])
         inside = labels[y : y + height, x : x + width] == label
         x, y = x + left, y + top
-        peak = float(anomaly_map[y : y + height, x : x + width][inside].max())
+        peak = float(np.max(anomaly_map[y : y + height, x : x + width], where=inside, initial=-np.inf))
         regions.append(Region(_outline(inside, x, y), (x, y, width, height), area, float(calibration.normalize_maps(np.float32(peak)))))
     return sorted(regions, key=lambda region: -region.peak_normalized_score)
 
 
 def _outline(inside: np.ndarray, left: int, top: int) -> list[tuple[int, int]]:
     """The outer boundary of one 8-connected region, simplified, in image coordinates."""
-    contours, _ = cv2.findContours(inside.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE, offset=(left, top))
+    contours, _ = cv2.findContours(inside.view(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE, offset=(left, top))
     boundary = max(contours, key=len)  # an 8-connected region has one outer boundary
     simplified = cv2.approxPolyDP(boundary, OUTLINE_TOLERANCE_PX, closed=True)
     if len(simplified) < 4:  # a small region would collapse to a line: keep its exact boundary

@@ -18,11 +18,16 @@ GROUND_TRUTH_COLOUR = (0, 220, 0)
 PREDICTED_COLOUR = (255, 40, 40)
 
 
-def panel_size(size_hw: tuple[int, int]) -> tuple[int, int]:
-    """(H, W) of a picture panel: the image's own size, shrunk so the longest side is at most :data:`PANEL_SIZE`."""
+def panel_size(size_hw: tuple[int, int], longest: int = PANEL_SIZE) -> tuple[int, int]:
+    """(H, W) of a picture panel: the image's own size, shrunk so the longest side is at most ``longest``."""
     height, width = size_hw
-    scale = min(1.0, PANEL_SIZE / max(height, width))
+    scale = min(1.0, longest / max(height, width))
     return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def shrink(rgb: np.ndarray, longest: int) -> np.ndarray:
+    """An image shrunk (by area) so that its longest side is at most ``longest``; unchanged if it is."""
+    return _resize(rgb, panel_size(rgb.shape[:2], longest))
 
 
 def _resize(array: np.ndarray, size_hw: tuple[int, int], nearest: bool = False) -> np.ndarray:

@@ -23,6 +23,7 @@ import numpy as np
 from . import __version__
 from .calibrate import Calibration
 from .data import LoadedImage, load_batches
+from .intake import DEFAULT_MAX_IMAGE_PIXELS
 from .layout import InputLayout
 from .regions import ImagePrediction
 
@@ -60,9 +61,10 @@ class ExportedPrediction(ImagePrediction):
 class ExportedModel:
     """An exported model, ready to score: ``.onnx`` through ONNX Runtime, ``.xml`` through OpenVINO."""
 
-    def __init__(self, path: str | Path, batch_size: int = 8) -> None:
+    def __init__(self, path: str | Path, batch_size: int = 8, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> None:
         self.path = Path(path)
         self.batch_size = batch_size
+        self.max_image_pixels = max_image_pixels  # images with more are refused from their headers
         if not self.path.is_file():
             raise ExportedModelError(f"'{self.path}': no such exported model")
         if self.path.suffix == ".onnx":
@@ -97,7 +99,9 @@ class ExportedModel:
 
     def iter_predictions(self, images: Sequence[str | Path], keep_images: bool = False, threshold: float | None = None) -> Iterator[ExportedPrediction]:
         """Score image files in order, one result each; unreadable ones come back with ``error``."""
-        for loaded in load_batches([Path(p) for p in images], self.layout_, self.batch_size, keep_rgb=keep_images, as_array=True):
+        for loaded in load_batches(
+            [Path(p) for p in images], self.layout_, self.batch_size, keep_rgb=keep_images, as_array=True, max_pixels=self.max_image_pixels
+        ):
             yield from self.predict_loaded(loaded, threshold)
 
     def predict_loaded(self, loaded: Sequence[LoadedImage], threshold: float | None = None) -> Iterator[ExportedPrediction]:

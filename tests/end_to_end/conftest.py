@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from pathlib import Path
@@ -16,7 +17,11 @@ from serving import RunningServer
 
 @pytest.fixture(scope="session")
 def bottle_model_file(data_root, tmp_path_factory) -> Path:
-    """A MobileNetV2 model of MVTec AD bottle's 209 good training images, fitted once per session."""
+    """A MobileNetV2 model of MVTec AD bottle's 209 good training images, fitted once per session
+    (or the file $PATCHCORE_TEST_BOTTLE_MODEL names, fitted so before, when running tests again
+    and again, as for mutation runs)."""
+    if os.environ.get("PATCHCORE_TEST_BOTTLE_MODEL"):
+        return Path(os.environ["PATCHCORE_TEST_BOTTLE_MODEL"])
     path = tmp_path_factory.mktemp("bottle_model") / "bottle.safetensors"
     assert main(["fit", str(data_root / "mvtec_ad" / "bottle"), "--backbone", "mobilenet_v2", "--out", str(path), "--quiet"]) == 0
     return path
@@ -27,8 +32,8 @@ def start_server(tmp_path) -> Iterator:
     """Starts ``patchcore serve MODEL OPTIONS...`` on a free port, ready; stops it after the test."""
     servers: list[RunningServer] = []
 
-    def start(model: Path, *options: str, wait: bool = True, python: str | Path = sys.executable) -> RunningServer:
-        server = RunningServer(model, *options, log=tmp_path / f"server{len(servers)}.log", python=python)
+    def start(model: Path, *options: str, wait: bool = True, python: str | Path = sys.executable, env: dict[str, str] | None = None) -> RunningServer:
+        server = RunningServer(model, *options, log=tmp_path / f"server{len(servers)}.log", python=python, env=env)
         servers.append(server)
         if wait:
             server.wait_ready()

@@ -21,13 +21,13 @@ def free_port() -> int:
 class RunningServer:
     """``patchcore serve`` in a subprocess; ``url`` is its base address."""
 
-    def __init__(self, model: Path, *options: str, log: Path, python: str | Path = sys.executable) -> None:
+    def __init__(self, model: Path, *options: str, log: Path, python: str | Path = sys.executable, env: dict[str, str] | None = None, scheme: str = "http") -> None:
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
         self.log = log
         self._log_handle = open(log, "w")
         command = [str(python), "-m", "patchcore.cli", "serve", str(model), "--port", str(self.port), "--device", "cpu", *options]
-        self.process = subprocess.Popen(command, stdout=self._log_handle, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.process = subprocess.Popen(command, stdout=self._log_handle, stderr=subprocess.STDOUT, env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"})
 
     def wait_ready(self, timeout: float = 60.0) -> float:
         """Seconds until /v2/health/ready answered 200."""

@@ -13,7 +13,8 @@ from sklearn.metrics import roc_auc_score
 
 from patchcore import PatchCore
 from patchcore.cli import main
-from patchcore.data import list_test_samples, read_image, prepare_image
+from patchcore.data import list_test_samples, prepare_image
+from patchcore.intake import read_image
 from patchcore.export import EXPORT_FORMAT_VERSION, OPENVINO_COMPILE_CONFIG, export_model
 
 #: every 4th bottle test image: 21 images, 5 good and 16 defective

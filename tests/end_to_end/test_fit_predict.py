@@ -35,7 +35,7 @@ def test_accuracy_on_battery_welds(model, welds):
     predictions = model.predict([s.path for s in samples])
     labels = np.array([s.label for s in samples])
     assert image_auroc(labels, np.array([p.score for p in predictions])) >= 0.95
-    from patchcore.data import read_mask
+    from patchcore.intake import read_mask
 
     # On the grid the masks are on: each image's own size (400 x 89 .. 400 x 392 here).
     masks = [read_mask(s.mask_path, s.path, p.anomaly_map.shape) for s, p in zip(samples, predictions)]
@@ -241,7 +241,7 @@ def test_leave_one_out_scores_equal_brute_force_without_the_images_own_bank_entr
     them out, and score the image by brute force (float64 distances, eq. 7 written out)."""
     import math
 
-    from patchcore.data import read_image
+    from patchcore.intake import read_image
     from patchcore.maps import anomaly_maps
 
     bank = model.memory_bank_.double()

@@ -10,7 +10,8 @@ from PIL import Image
 
 from patchcore import PatchCore
 from patchcore.cli import main
-from patchcore.data import find_images, list_test_samples, read_mask, training_images
+from patchcore.data import find_images, list_test_samples, training_images
+from patchcore.intake import read_mask
 from patchcore.metrics import image_auroc, pixel_auroc
 
 

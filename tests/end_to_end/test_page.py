@@ -4,7 +4,8 @@ Uploads a broken and a good bottle through the page's file input, checks each ca
 server's own JSON for the same files, moves the threshold slider and watches the page re-cut the
 results (without touching the model on the server), and takes a screenshot: the README's
 ``docs/serve-page.png`` when run with ``PATCHCORE_SCREENSHOT=docs/serve-page.png``, else under
-the test's temporary folder (tests leave the checkout as it was).
+the test's temporary folder (tests leave the checkout as it was). With ``--api-key-file`` the page
+asks for a key once a tab and sends it as a header; its CSV export neutralises formulas.
 """
 
 from __future__ import annotations
@@ -14,21 +15,69 @@ import csv
 import io
 import math
 import os
+import re
+import secrets
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 from PIL import Image
 import pytest
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+import serving
+from serving import RunningServer
 
 SCREENSHOT = os.environ.get("PATCHCORE_SCREENSHOT")
 CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
+KEY_STORE = "patchcore-api-key"  # page.js: the key's name in sessionStorage
+#: a plain number as JavaScript's String(number) writes it: no quote, no formula guard
+PLAIN_NUMBER = re.compile(r"^-?\d+(\.\d+)?(e[-+]\d+)?$")
 
 
 def _percent(flagged: int, total: int) -> str:
     """The page's "would flag" figure, formatted as page.js formats it."""
     return f"would flag {100 * flagged / total:.1f}% of the good training images ({flagged} of {total})"
+
+
+@pytest.fixture(scope="module")
+def open_server(bottle_model_file, tmp_path_factory) -> Iterator[RunningServer]:
+    """``patchcore serve`` without API keys, shared by this module's tests (the page never changes
+    the server's state): one start (~15 s) instead of one a test."""
+    server = RunningServer(bottle_model_file, log=tmp_path_factory.mktemp("open_server") / "server.log")
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def _watch(page: Page, problems: list[str]) -> None:
+    """Collect the page's script errors and console errors, less the browser's own line for each
+    401 (expected where a key is refused)."""
+    def console(message) -> None:
+        if message.type == "error" and "status of 401" not in message.text:
+            problems.append(f"console {message.type}: {message.text}")
+
+    page.on("console", console)
+    page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+
+
+def _stored(page: Page) -> dict:
+    """Where a key could be kept: this tab's sessionStorage, localStorage, cookies."""
+    return page.evaluate(f"({{session: sessionStorage.getItem('{KEY_STORE}'), local: localStorage.length, cookie: document.cookie}})")
 
 
 @pytest.fixture
@@ -47,8 +96,8 @@ def images(data_root, tmp_path) -> dict[str, Path]:
     return paths
 
 
-def test_page_uploads_scores_and_recuts(bottle_model_file, start_server, images, tmp_path):
-    server = start_server(bottle_model_file)
+def test_page_uploads_scores_and_recuts(bottle_model_file, open_server, images, tmp_path):
+    server = open_server
     name = httpx.get(f"{server.url}/v2").json()["models"][0]
     model = httpx.get(f"{server.url}/v2/models/{name}").json()["patchcore"]
     threshold, good_scores = model["image_threshold"], model["good_scores"]
@@ -59,13 +108,13 @@ def test_page_uploads_scores_and_recuts(bottle_model_file, start_server, images,
     broken, good, good2, text = reply.json()["results"]
     assert broken["is_anomalous"] and not good["is_anomalous"] and not good2["is_anomalous"]
     assert len(broken["regions"]) >= 1 and good["regions"] == [] and good2["regions"] == []
-    assert "not a readable image" in text["error"]
+    assert "not an accepted image format" in text["error"]
     assert broken["score"] > threshold > good["score"]
 
     problems: list[str] = []
     posts: list[str] = []
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"], headless=True)
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         try:
             context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
             page = context.new_page()
@@ -83,6 +132,7 @@ def test_page_uploads_scores_and_recuts(bottle_model_file, start_server, images,
             expect(panel.locator('dd[data-fact="input"]')).to_have_text(model["input"]["description"])
             expect(panel).to_contain_text(model["decision_rule"])
             expect(page.locator("#threshold-value")).to_have_value(f"{threshold:.3f}")
+            expect(page.locator("#key-panel")).to_be_hidden()  # no API keys: no key form
 
             # upload a broken and a good bottle through the file input
             page.set_input_files("#file-input", [str(images["broken"]), str(images["good"])])
@@ -237,3 +287,140 @@ def test_page_uploads_scores_and_recuts(bottle_model_file, start_server, images,
 
     assert problems == []
     assert posts and all(url.startswith(f"{server.url}/v2/models/{name}/predict?") for url in posts), posts
+
+
+def test_page_asks_for_the_api_key_once_a_tab(bottle_model_file, start_server, images, tmp_path, monkeypatch, browser):
+    """With --api-key-file: the page asks for a key, shows the server's refusal, keeps the accepted
+    key in the tab's sessionStorage (a reload keeps it, a new tab asks again) and sends it as a
+    header; when the key stops working (here: the server restarted with another key file), the
+    form comes back and the upload waiting meanwhile is scored once a key is accepted."""
+    key, new_key = secrets.token_hex(16), secrets.token_hex(16)
+    (tmp_path / "keys.txt").write_text(f"# name key\ninspector {key}\n")
+    (tmp_path / "new_keys.txt").write_text(f"inspector {new_key}\n")
+    server = start_server(bottle_model_file, "--api-key-file", str(tmp_path / "keys.txt"))
+    assert httpx.get(f"{server.url}/v2").json()["api_key_required"] is True
+
+    problems: list[str] = []
+    keyed: list[tuple[str, str, str | None]] = []  # the page's requests to /v2/models/...: method, URL, Authorization
+    urls: list[str] = []
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    _watch(page, problems)
+    page.on("request", lambda request: urls.append(request.url))
+    page.on("request", lambda request: keyed.append((request.method, request.url, request.headers.get("authorization"))) if "/v2/models/" in request.url else None)
+    form, error, key_input = page.locator("#key-panel"), page.locator("#key-error"), page.get_by_role("textbox", name="API key")
+    backbone = page.locator('#model-panel dd[data-fact="backbone"]')
+    cards, progress = page.locator(".result-card"), page.locator("#progress-text")
+    page.goto(f"{server.url}/")
+
+    # the form, before anything is asked of the keyed routes
+    expect(form).to_be_visible()
+    expect(key_input).to_have_attribute("type", "password")
+    expect(page.get_by_role("button", name="Use key")).to_be_visible()
+    expect(error).to_be_hidden()
+    expect(page.locator("#server-status")).to_have_text("API key needed")
+    expect(page.locator("#model-loading")).to_be_visible()
+    assert keyed == []
+    # an image chosen before the key waits for it
+    page.set_input_files("#file-input", str(images["broken"]))
+    expect(progress).to_have_text("0 of 1 done")
+
+    # a wrong key: the server's message, the form stays, nothing kept
+    key_input.fill("not-the-key-0123456789")
+    page.get_by_role("button", name="Use key").click()
+    expect(error).to_have_text("unknown API key")
+    expect(form).to_be_visible()
+    expect(page.locator("#model-loading")).to_be_visible()
+    assert _stored(page) == {"session": None, "local": 0, "cookie": ""}
+
+    # the right key: the model's description, and the waiting upload scored
+    key_input.fill(key)
+    key_input.press("Enter")
+    expect(form).to_be_hidden()
+    expect(backbone).to_have_text("mobilenet_v2")
+    expect(progress).to_have_text("1 of 1 done")
+    expect(cards.filter(has_text=images["broken"].name).locator(".badge")).to_have_text("FAIL")
+    assert _stored(page) == {"session": key, "local": 0, "cookie": ""}
+
+    # a reload of the tab keeps the key: no form, scoring works
+    page.reload()
+    expect(backbone).to_have_text("mobilenet_v2")
+    expect(form).to_be_hidden()
+    page.set_input_files("#file-input", str(images["good"]))
+    expect(cards.filter(has_text=images["good"].name).locator(".badge")).to_have_text("PASS")
+
+    # a new tab asks again
+    other = context.new_page()
+    _watch(other, problems)
+    other.goto(f"{server.url}/")
+    expect(other.locator("#key-panel")).to_be_visible()
+    expect(other.locator("#model-loading")).to_be_visible()
+    assert _stored(other)["session"] is None
+    other.close()
+
+    # the key stops working: the same address, now with another key file
+    server.stop()
+    monkeypatch.setattr(serving, "free_port", lambda: server.port)
+    start_server(bottle_model_file, "--api-key-file", str(tmp_path / "new_keys.txt"))
+    page.set_input_files("#file-input", str(images["good2"]))
+    expect(error).to_have_text("unknown API key")
+    expect(form).to_be_visible()
+    expect(progress).to_have_text("1 of 2 done")  # waiting, not failed
+    assert _stored(page)["session"] is None
+    expect(cards).to_have_count(1)
+    key_input.fill(new_key)
+    page.get_by_role("button", name="Use key").click()
+    expect(form).to_be_hidden()
+    expect(progress).to_have_text("2 of 2 done")
+    expect(cards.filter(has_text=images["good2"].name).locator(".badge")).to_have_text("PASS")
+    expect(page.locator(".result-card.error-card")).to_have_count(0)
+    assert _stored(page) == {"session": new_key, "local": 0, "cookie": ""}
+    context.close()
+
+    assert problems == []
+    # every request to the keyed routes carried a key as a header; no key ever went into a URL
+    assert keyed and all(auth is not None and auth.startswith("Bearer ") for _, _, auth in keyed), keyed
+    assert ("POST", f"{server.url}/v2/models/bottle/predict?picture=true", f"Bearer {new_key}") in keyed
+    assert ("GET", f"{server.url}/v2/models/bottle", f"Bearer {key}") in keyed
+    assert not [url for url in urls if key in url or new_key in url]
+
+
+def test_page_csv_export_neutralises_formulas(open_server, browser, data_root):
+    """File names that a spreadsheet would run as formulas (= + - @ tab first) are exported with a
+    ' in front, inside the CSV's usual quoting; the page's numbers, a negative normalized score
+    among them, stay plain numbers. Without keys the page shows no key form."""
+    good = (data_root / "mvtec_ad" / "bottle" / "test" / "good" / "004.png").read_bytes()  # scores below the good mean
+    reply = httpx.post(f"{open_server.url}/v2/models/bottle/predict", files=[("file", ("004.png", good, "image/png"))], timeout=60)
+    expected = reply.json()["results"][0]
+    assert expected["normalized_score"] < 0
+    names = ['=HYPERLINK("http://x")&A1.png', "@SUM(A1).png", "+cmd.png", "-2+3.png", "\tTAB.png", "plain, quoted.png"]
+    exported = {'=HYPERLINK("http://x")&A1.png': "'=HYPERLINK(\"http://x\")&A1.png", "@SUM(A1).png": "'@SUM(A1).png", "+cmd.png": "'+cmd.png",
+                "-2+3.png": "'-2+3.png", "\tTAB.png": "'\tTAB.png", "plain, quoted.png": "plain, quoted.png"}
+
+    problems: list[str] = []
+    page = browser.new_page(accept_downloads=True)
+    _watch(page, problems)
+    page.goto(f"{open_server.url}/")
+    expect(page.locator('#model-panel dd[data-fact="backbone"]')).to_have_text("mobilenet_v2")
+    expect(page.locator("#key-panel")).to_be_hidden()
+    page.set_input_files("#file-input", [{"name": name, "mimeType": "image/png", "buffer": good} for name in names])
+    expect(page.locator("#progress-text")).to_have_text(f"{len(names)} of {len(names)} done")
+    expect(page.locator(".result-card .badge.pass")).to_have_count(len(names))
+    with page.expect_download() as download:
+        page.click("#export-csv")
+    text = Path(download.value.path()).read_bytes().decode("utf-8")
+    page.close()
+    assert problems == []
+
+    lines = text.split("\r\n")
+    # the formula, guarded inside the CSV's quoting: quotes doubled, the cell quoted
+    assert lines[1].startswith('1,"\'=HYPERLINK(""http://x"")&A1.png",'), lines[1]
+    rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    assert [row["file"] for row in rows] == [exported[name] for name in names]
+    for row in rows:
+        for column in ("order", "score", "normalized_score", "threshold", "regions"):
+            assert PLAIN_NUMBER.match(row[column]), (column, row[column])
+        assert float(row["score"]) == expected["score"]
+        assert float(row["normalized_score"]) == expected["normalized_score"]
+        assert row["normalized_score"].startswith("-")  # a negative number, not a guarded formula
+        assert row["decision"] == "PASS" and row["error"] == ""

@@ -158,17 +158,17 @@ def test_one_bad_file_in_a_batch_gets_its_own_error(server, bottle_test, tmp_pat
     assert reply.status_code == 200
     a, notes, cut, b = reply.json()["results"]
     assert a["is_anomalous"] is False and b["score"] == a["score"]
-    assert notes == {"path": "notes.png", "error": "'notes.png': not a readable image (not in any image format)", "status": 415}
+    assert notes == {"path": "notes.png", "error": "'notes.png': not an accepted image format (not an image; accepted: PNG, JPEG, BMP, TIFF, WebP, PNM)", "status": 415}
     assert cut["status"] == 422 and cut["error"].startswith("'cut.png': not a readable image (")
 
 
 @pytest.mark.parametrize(
     ("name", "make", "status", "message"),
     [
-        ("text", lambda good: b"hello", 415, "'image': not a readable image (not in any image format)"),
+        ("text", lambda good: b"hello", 415, "'image': not an accepted image format (not an image; accepted: PNG, JPEG, BMP, TIFF, WebP, PNM)"),
         ("empty", lambda good: b"", 400, "no image: send image files as multipart form data, or one image as the request body"),
         ("truncated", lambda good: good[:20000], 422, None),
-        ("bomb", lambda good: png_bytes(np.zeros((1001, 1000), np.uint8)), 413, "'image': image is 1000x1001 px, more than the limit of 1,000,000 pixels"),
+        ("bomb", lambda good: png_bytes(np.zeros((1001, 1000), np.uint8)), 413, "'image': image is 1000x1001 px, more than the limit of 1,000,000 pixels (--max-image-pixels)"),
         ("tiny", lambda good: png_bytes(np.zeros((4, 4), np.uint8)), 422, "'image': image is 4x4 px, too small (at least 8x8)"),
         ("body", lambda good: b"\0" * (2 * 1024 * 1024 + 1), 413, "request body is larger than the limit of 2 MB (--max-request-mb)"),
     ],
@@ -240,14 +240,16 @@ def _sha(url: str) -> str:
 def test_reload_keeps_the_old_model_on_a_damaged_file_and_switches_on_a_good_one(bottle_model_file, library, start_server, bottle_test, tmp_path):
     served = tmp_path / "bottle.safetensors"
     shutil.copy(bottle_model_file, served)
-    running = start_server(served)
+    token = "reload-token-0123456789abcdef"
+    running = start_server(served, env={"PATCHCORE_ADMIN_TOKEN": token})
+    admin = {"Authorization": f"Bearer {token}"}
     before = _sha(running.url)
     good = (bottle_test / GOOD).read_bytes()
 
     served.write_bytes(served.read_bytes()[:5000])  # a copy cut short, as by a failed transfer
-    reply = httpx.post(f"{running.url}/v2/repository/models/bottle/load", timeout=60)
+    reply = httpx.post(f"{running.url}/v2/repository/models/bottle/load", headers=admin, timeout=60)
     assert reply.status_code == 422
-    assert reply.json()["error"].startswith(f"reload failed: '{served}': ")
+    assert reply.json()["error"].startswith(f"reload failed: '{served}': ")  # the operator who holds the token may see the path
     assert "still serving the model loaded at" in reply.json()["error"] and before[:12] in reply.json()["error"]
     assert _sha(running.url) == before
     assert post_files(running.url, [("g.png", good)]).status_code == 200
@@ -267,7 +269,7 @@ def test_reload_keeps_the_old_model_on_a_damaged_file_and_switches_on_a_good_one
         time.sleep(0.5)
         # Several switches while images are being scored: building a model must never overlap a
         # batch (torch.fx tracing patches torch for a moment; a batch beside it failed with 500).
-        replies = [httpx.post(f"{running.url}/v2/repository/models/bottle/load", timeout=60) for _ in range(4)]
+        replies = [httpx.post(f"{running.url}/v2/repository/models/bottle/load", headers=admin, timeout=60) for _ in range(4)]
         time.sleep(0.5)
         stop.set()
         [asker.result() for asker in askers]

@@ -1,7 +1,10 @@
 """The inference server and its inspection page: ``patchcore serve MODEL``, or mount
 ``create_app(model_path)`` in any ASGI server. Needs the ``serve`` extra (FastAPI, uvicorn,
-python-multipart, prometheus-client)."""
+python-multipart, prometheus-client, psutil)."""
 
-from .app import DEFAULT_MAX_IMAGE_PIXELS, create_app, load_served_model, serve
+from .access import AccessRules
+from .app import create_app, load_served_model
+from .limits import DEFAULT_SERVER_MAX_IMAGE_PIXELS, ServerLimits
+from .server import serve
 
-__all__ = ["create_app", "load_served_model", "serve", "DEFAULT_MAX_IMAGE_PIXELS"]
+__all__ = ["create_app", "load_served_model", "serve", "AccessRules", "ServerLimits", "DEFAULT_SERVER_MAX_IMAGE_PIXELS"]

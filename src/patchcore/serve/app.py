@@ -5,14 +5,17 @@ Routes follow the KServe v2 protocol's conventions where it has one:
     GET  /                                  the inspection page (served from the package, works offline)
     GET  /v2/health/live                    the process is up
     GET  /v2/health/ready                   the model is loaded and warmed up
-    GET  /v2/models/<name>                  what the model is: backbone, input, bank, thresholds, checksum
-    POST /v2/models/<name>/predict          images (multipart files, or one image as the raw body) -> results
-    POST /v2/repository/models/<name>/load  reload the model file; a bad file leaves the old model serving
+    GET  /v2/models/<name>                  what the model is: backbone, input, bank, thresholds, checksum   [API key]
+    POST /v2/models/<name>/predict          images (multipart files, or one image as the raw body) -> results [API key]
+    POST /v2/repository/models/<name>/load  reload the model file; a bad file leaves the old model serving  [admin token]
     GET  /metrics                           Prometheus text
 
-Uploads are decoded on worker threads, scored in micro-batches on one scoring thread
-(``batching.py``), and turned into records (map at the image's size, regions, pictures) on worker
-threads again, so that decoding, scoring and encoding of different requests overlap.
+The guards live in modules of their own, in the order a request meets them: ``protocol.py``
+(connections, slow headers), ``origin.py`` (Host and Origin), ``access.py`` (API keys, admin
+token), ``requests.py`` (the body's size and time), ``budget.py`` (memory, before decoding).
+Images are decoded by the intake (``intake.py``) on a small pool of threads, scored in
+micro-batches on one scoring thread (``batching.py``), and turned into records (map at the
+image's size, regions, pictures) on the pool again, one image at a time.
 """
 
 from __future__ import annotations
@@ -24,45 +27,56 @@ import signal
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import cv2
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
-from starlette.concurrency import run_in_threadpool
-from starlette.formparsers import MultiPartException, MultiPartParser
 
 from .. import __version__
-from ..data import BadInputError, DamagedImageError, file_sha256 as digest_of_file, ImageTooLargeError, LoadedImage, NotAnImageError, prepare_image, read_image_bytes
-from ..render import predict_picture
+from ..data import LoadedImage, file_sha256 as digest_of_file, prepare_image
+from ..errors import BadInputError, ModelFileError, WeightsError, is_missing_pytorch
+from ..intake import ImageHeader, ImageTooLargeError, NotAnImageError, accepted_formats_text, read_header, read_image_bytes
+from ..render import predict_picture, shrink
 from ..runtime import EXPORT_FORMAT_VERSION, EXPORTED_SUFFIXES, ExportedModel
-from ..errors import ModelFileError, WeightsError, is_missing_pytorch
+from .access import AccessRules, require_admin, require_api_key
 from .batching import MicroBatcher, QueueFullError
+from .budget import PICTURE_MAX_SIDE, BudgetBusyError, MemoryBudget, NeverFitsError, Reservation, image_cost, tile_count
+from .limits import ServerLimits
+from .origin import LOOPBACK_HOSTS, HostAndOriginGuard
+from .requests import DRAIN_FACTOR, RequestError, declared_length, drain, read_body, uploads
 
 if TYPE_CHECKING:  # PyTorch is imported only to serve a .safetensors model: an exported one needs none
     from ..model import PatchCore, Prediction
 
 PAGE = Path(__file__).parent / "page"
-#: images larger than this many pixels are refused from their header (decompression bombs)
-DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
-#: files per multipart request
-MAX_FILES_PER_REQUEST = 256
-#: seconds a client is asked to wait when the queue is full
+#: seconds a client is asked to wait when the server is busy
 RETRY_AFTER_SECONDS = 1
+#: a body's reservation: the body, and the copies of its files that parsing makes
+BODY_COPIES = 2
+PICTURE_FORMATS = {"jpeg": "jpeg", "jpg": "jpeg", "png": "png"}
+#: a request that reserves more than this (or than the small requests' share of the budget, if
+#: less) is decoded on the large requests' thread: about 20 MP of images, whatever the budget
+LARGE_LANE_BYTES = 256 * 2**20
+#: how much lower the large requests' thread runs (Unix niceness, 0 to 19)
+LARGE_LANE_NICENESS = 10
+#: refusals for a request's content, answered after --refusal-delay (a 401 too)
+DELAYED_REFUSALS = frozenset({400, 401, 413, 415, 422})
 
 
 @dataclass
 class ServedModel:
     """A loaded, warmed-up model and what clients are told about it."""
 
-    model: PatchCore
+    model: PatchCore | ExportedModel
     path: Path
     sha256: str
     loaded_at: str
@@ -77,7 +91,9 @@ def file_sha256(path: str | Path) -> str:
     return digest_of_file(path)
 
 
-def load_served_model(path: str | Path, device: str = "auto", batch_size: int = 8, sha256: str | None = None) -> ServedModel:
+def load_served_model(
+    path: str | Path, device: str = "auto", batch_size: int = 8, sha256: str | None = None, max_image_pixels: int | None = None
+) -> ServedModel:
     """Load a model file (``.safetensors``, or an exported ``.onnx`` / OpenVINO ``.xml``) and score one
     blank image through it, so that the first request is not slow.
 
@@ -87,7 +103,7 @@ def load_served_model(path: str | Path, device: str = "auto", batch_size: int = 
     path = Path(path)
     sha256 = sha256 or file_sha256(path)
     if path.suffix in EXPORTED_SUFFIXES:
-        model = ExportedModel(path, batch_size=batch_size)
+        model = ExportedModel(path, batch_size=batch_size, max_image_pixels=max_image_pixels)
     else:
         try:
             from ..model import PatchCore
@@ -98,7 +114,7 @@ def load_served_model(path: str | Path, device: str = "auto", batch_size: int = 
                 f"'{path}': serving a .safetensors model needs PyTorch ({error}): pip install 'patchcore[full]', "
                 "or serve a model exported with patchcore export (.onnx, .xml)"
             ) from None
-        model = PatchCore.load(path, device=device, batch_size=batch_size, progress=False)
+        model = PatchCore.load(path, device=device, batch_size=batch_size, progress=False, max_image_pixels=max_image_pixels)
     side = model.layout_.image_size
     blank = prepare_image("warm-up", np.full((side, side, 3), 128, dtype=np.uint8), model.layout_, as_array=_exported(model))
     for prediction in model.predict_loaded([blank]):
@@ -121,12 +137,16 @@ def _exported(model: PatchCore | ExportedModel) -> bool:
     return isinstance(model, ExportedModel)
 
 
+def _backbone(model: PatchCore | ExportedModel) -> str:
+    return model.settings["backbone"] if _exported(model) else model.backbone
+
+
 def _describe(served: ServedModel) -> dict[str, Any]:
     model, calibration = served.model, served.model.calibration_
     settings = model.settings if _exported(model) else model.settings()
     return {
         "package_version": __version__,
-        "model_file": str(served.path),
+        "model_file": served.path.name,  # its name, not where it lies: clients need not know the server's folders
         "file_sha256": served.sha256,
         "loaded_at": served.loaded_at,
         "engine": model.engine if _exported(model) else "pytorch",
@@ -166,6 +186,9 @@ class _Metrics:
             buckets=sorted({1, 2, 4, 8, 16, 32, 64, max_batch}),
         )
         self.queue_depth = Gauge("patchcore_queue_depth", "Images waiting for a batch", registry=self.registry)
+        self.memory_reserved = Gauge("patchcore_memory_reserved_bytes", "Bytes reserved by requests in flight (the memory budget in use)", registry=self.registry)
+        self.memory_budget = Gauge("patchcore_memory_budget_bytes", "The memory budget (--max-memory-mb)", registry=self.registry)
+        self.refusals = Counter("patchcore_admission_refusals", "Requests refused for room: busy (503) or never fits (413)", ["reason"], registry=self.registry)
         self.reloads = Counter("patchcore_model_reloads", "Model reloads, by result", ["result"], registry=self.registry)
         self.model = Info("patchcore_model", "The model being served", registry=self.registry)
 
@@ -174,10 +197,7 @@ class _State:
     served: ServedModel | None = None
     load_error: str | None = None
     batcher: MicroBatcher | None = None
-
-
-def _not_ready_reason(state: _State) -> str:
-    return f"model failed to load: {state.load_error}" if state.load_error else "model is loading"
+    budget: MemoryBudget | None = None
 
 
 def create_app(
@@ -185,11 +205,9 @@ def create_app(
     *,
     name: str | None = None,
     device: str = "auto",
-    max_batch: int = 8,
-    max_wait_ms: float = 10.0,
-    max_queue: int = 64,
-    max_request_mb: float = 32.0,
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    limits: ServerLimits | None = None,
+    access: AccessRules | None = None,
+    allowed_hosts: Sequence[str] = LOOPBACK_HOSTS,
     reload_on_sighup: bool = False,
     on_load_failure: Callable[[str], None] | None = None,
 ) -> FastAPI:
@@ -199,24 +217,33 @@ def create_app(
     readiness once the model is warm. If that first load fails, ``on_load_failure(message)`` is
     called (the command line uses it to stop with the message). ``reload_on_sighup`` makes
     SIGHUP reload the file, like the reload route; only where the app runs on the main thread.
+    ``limits`` (:class:`ServerLimits`), ``access`` (:class:`AccessRules`: keys and admin token)
+    and ``allowed_hosts`` (the Host names answered; ``"*"`` for any) guard it.
     """
-    if max_batch < 1 or max_queue < 1 or max_wait_ms < 0:
-        raise ValueError(f"need --max-batch >= 1, --max-queue >= 1 and --max-wait-ms >= 0, got {max_batch}, {max_queue} and {max_wait_ms}")
-    if max_request_mb <= 0 or max_image_pixels < 64:
-        raise ValueError(f"need --max-request-mb > 0 and --max-image-pixels >= 64, got {max_request_mb} and {max_image_pixels}")
+    limits = limits or ServerLimits()
+    access = access or AccessRules()
     model_path = Path(model_path)
     model_name = name or model_path.stem
-    max_body = int(max_request_mb * 1024 * 1024)
     state = _State()
-    metrics = _Metrics(max_batch)
+    metrics = _Metrics(limits.max_batch)
     reload_lock = asyncio.Lock()
+    # Headers, decoding and records on threads of their own: a pool for ordinary requests (a
+    # line's images), and one thread for large ones (LARGE_LANE_BYTES), so that huge images take
+    # at most one core, at a lower priority, and never hold up a line's ordinary images.
+    pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="patchcore-intake")
+    large_lane = ThreadPoolExecutor(max_workers=1, thread_name_prefix="patchcore-large", initializer=_lower_priority)
+
+    def public(message: str) -> str:
+        """A load error as clients see it: the model file by name, not by its place on disk."""
+        return message.replace(str(model_path), model_path.name)
 
     async def reload() -> tuple[bool, str]:
         """Load the file again; on any failure keep serving the model there is."""
         async with reload_lock:
+            loop = asyncio.get_running_loop()
             try:
-                sha256 = await run_in_threadpool(file_sha256, model_path)  # a missing file fails here, scoring undisturbed
-                served = await state.batcher.run_exclusive(load_served_model, model_path, device, max_batch, sha256)
+                sha256 = await loop.run_in_executor(pool, file_sha256, model_path)  # a missing file fails here, scoring undisturbed
+                served = await state.batcher.run_exclusive(load_served_model, model_path, device, limits.max_batch, sha256, limits.max_image_pixels)
             except (ModelFileError, WeightsError, BadInputError, OSError, ValueError, RuntimeError) as error:
                 metrics.reloads.labels("failed").inc()
                 message = str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -226,8 +253,8 @@ def create_app(
                 return False, f"{message}; still serving the model loaded at {state.served.loaded_at} (sha256 {state.served.sha256[:12]})"
             state.served, state.load_error = served, None
             metrics.reloads.labels("ok").inc()
-            metrics.model.info({"file": str(model_path), "sha256": served.sha256, "backbone": served.model.backbone, "loaded_at": served.loaded_at})
-            return True, f"loaded {model_path} (sha256 {served.sha256[:12]})"
+            metrics.model.info({"file": model_path.name, "sha256": served.sha256, "backbone": _backbone(served.model), "loaded_at": served.loaded_at})
+            return True, f"loaded {model_path.name} (sha256 {served.sha256[:12]})"
 
     async def first_load() -> None:
         loaded, message = await reload()
@@ -246,9 +273,12 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        state.batcher = MicroBatcher(score, max_batch, max_wait_ms / 1000.0, max_queue, on_batch=metrics.batch_size.observe)
+        state.batcher = MicroBatcher(score, limits.max_batch, limits.max_wait_ms / 1000.0, limits.max_queue, on_batch=metrics.batch_size.observe)
         state.batcher.start()
+        state.budget = MemoryBudget(limits.budget_bytes, limits.per_request_bytes)
         metrics.queue_depth.set_function(lambda: state.batcher.depth)
+        metrics.memory_reserved.set_function(lambda: state.budget.in_use)
+        metrics.memory_budget.set(state.budget.capacity)
         loading = asyncio.get_running_loop().create_task(first_load())
         hooked = reload_on_sighup and threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGHUP")
         if hooked:
@@ -258,27 +288,36 @@ def create_app(
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         loading.cancel()
         await state.batcher.stop()
+        pool.shutdown(wait=True)
+        large_lane.shutdown(wait=True)
 
     async def _reload_and_log() -> None:
         loaded, message = await reload()
         print(f"patchcore serve: SIGHUP: {message}" if loaded else f"patchcore serve: SIGHUP: reload failed: {message}", file=sys.stderr, flush=True)
 
-    app = FastAPI(title="patchcore", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    # /docs would load Swagger UI from a CDN, which a plant's network does not reach: off.
+    # The schema stays at /openapi.json.
+    app = FastAPI(title="patchcore", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.patchcore = state
+    app.state.access = access
+    app.add_middleware(HostAndOriginGuard, allowed_hosts=allowed_hosts)
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        response = await call_next(request)
-        route = request.scope.get("route")
-        metrics.requests.labels(getattr(route, "path", "other"), str(response.status_code)).inc()
-        return response
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        answer = _error(error.status_code, str(error.detail), headers=error.headers)
+        return await _slowed(answer) if error.status_code == 401 else answer  # slows the guessing of keys too
+
+    app.add_middleware(_CountRequests, counter=metrics.requests)
 
     def _unknown(requested: str) -> JSONResponse | None:
         if requested != model_name:
             return _error(404, f"no model named '{requested}' here; this server serves '{model_name}'")
         if state.served is None:
-            return _error(503, _not_ready_reason(state), headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+            return _error(503, _not_ready_reason(), headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
         return None
+
+    def _not_ready_reason() -> str:
+        return f"model failed to load: {public(state.load_error)}" if state.load_error else "model is loading"
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
@@ -293,14 +332,14 @@ def create_app(
     @app.get("/v2/health/ready")
     async def ready() -> JSONResponse:
         if state.served is None:
-            return JSONResponse({"ready": False, "reason": _not_ready_reason(state)}, status_code=503)
+            return JSONResponse({"ready": False, "reason": _not_ready_reason()}, status_code=503)
         return JSONResponse({"ready": True})
 
     @app.get("/v2")
     async def server_metadata() -> dict:
-        return {"name": "patchcore", "version": __version__, "extensions": ["model_repository"], "models": [model_name]}
+        return {"name": "patchcore", "version": __version__, "extensions": ["model_repository"], "models": [model_name], "api_key_required": bool(access.api_keys)}
 
-    @app.get("/v2/models/{requested}")
+    @app.get("/v2/models/{requested}", dependencies=[Depends(require_api_key)])
     async def model_metadata(requested: str) -> JSONResponse:
         if (refusal := _unknown(requested)) is not None:
             return refusal
@@ -309,17 +348,14 @@ def create_app(
             "name": model_name,
             "versions": [served.sha256[:12]],
             "platform": f"patchcore-{served.metadata['engine']}",
-            "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1], "parameters": {"content": "encoded image files (PNG, JPEG, BMP, TIFF, WebP)"}}],
+            "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1], "parameters": {"content": f"encoded image files ({accepted_formats_text()})"}}],
             "outputs": [
                 {"name": "score", "datatype": "FP32", "shape": [-1]},
                 {"name": "is_anomalous", "datatype": "BOOL", "shape": [-1]},
                 {"name": "regions", "datatype": "JSON", "shape": [-1]},
             ],
             "patchcore": served.metadata,
-            "server": {
-                "max_batch": max_batch, "max_wait_ms": max_wait_ms, "max_queue": max_queue,
-                "max_request_mb": max_request_mb, "max_image_pixels": max_image_pixels, "model_format_version": _format_version(served),
-            },
+            "server": {**limits.to_dict(), "model_format_version": _format_version(served), "picture_max_side": PICTURE_MAX_SIDE},
         })
 
     @app.get("/v2/models/{requested}/ready")
@@ -328,52 +364,103 @@ def create_app(
             return refusal
         return JSONResponse({"name": model_name, "ready": True})
 
-    @app.post("/v2/models/{requested}/predict")
+    @app.post("/v2/models/{requested}/predict", dependencies=[Depends(require_api_key)])
     async def predict(requested: str, request: Request, picture: bool = False, picture_format: str = "jpeg", filename: str = "image") -> JSONResponse:
         started = time.perf_counter()
+        reservation = Reservation()
         try:
             if (refusal := _unknown(requested)) is not None:
-                return refusal
-            if picture_format not in ("jpeg", "png"):
-                return _error(422, f"picture_format must be jpeg or png, got {picture_format!r}")
-            body = await _read_body(request, max_body)
-            if body is None:
-                return _error(413, f"request body is larger than the limit of {max_request_mb:g} MB (--max-request-mb)")
-            uploads = await _uploads(request, body, filename)
-            if isinstance(uploads, JSONResponse):
-                return uploads
-            if len(uploads) > max_queue:  # could never fit, however long the client waited
-                return _error(413, f"request has {len(uploads)} images, more than the queue holds ({max_queue}, --max-queue); send fewer per request")
-            served = state.served
-            try:
-                state.batcher.check_room(len(uploads))  # refuse before paying for the decoding
-                loaded = await asyncio.gather(*(run_in_threadpool(_decode, upload, data, served, picture, max_image_pixels) for upload, data in uploads))
-                readable = [item for item, _ in loaded if item.error is None]
-                waiting = state.batcher.submit([(served, item) for item in readable])  # others may have filled it meanwhile
-            except QueueFullError as error:
-                return _error(503, str(error), headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
-            scored = iter(await asyncio.gather(*waiting))
-            results, statuses = [], []
-            for item, status in loaded:
-                if item.error is not None:
-                    metrics.images.labels(_REFUSALS[status]).inc()
-                    results.append({"path": str(item.path), "error": item.error, "status": status})
-                    statuses.append(status)
-                    continue
-                prediction = next(scored)
-                results.append(await run_in_threadpool(_record, prediction, picture, picture_format))
-                metrics.images.labels("scored").inc()
-                metrics.anomalies.inc(int(prediction.is_anomalous))
-                statuses.append(200)
-            status = 200 if 200 in statuses else statuses[0]
-            reply = {"model_name": model_name, "model_version": served.sha256[:12], "results": results}
-            if status != 200:
-                reply["error"] = results[0]["error"]
-            return JSONResponse(reply, status_code=status)
+                return await _drained(request, refusal)
+            if picture_format not in PICTURE_FORMATS:
+                answer = await _drained(request, _error(422, f"picture_format must be jpeg (or jpg) or png, got {picture_format!r}"))
+            else:
+                answer = await _predict(request, reservation, state.served, picture, PICTURE_FORMATS[picture_format], filename)
+        except RequestError as error:
+            # after a 408 the rest of the body may still be on its way: the connection is not reused
+            answer = _error(error.status, error.message, headers={"Connection": "close"} if error.status == 408 else None)
+        except NeverFitsError as error:
+            metrics.refusals.labels("never_fits").inc()
+            answer = _error(413, (
+                f"request needs {error.args[0] / 2**20:.0f} MB of memory to decode, score and answer, more than one request may hold "
+                f"({state.budget.per_request / 2**20:.0f} MB, --max-request-memory-mb); send fewer or smaller images per request"
+            ))
+        except (BudgetBusyError, QueueFullError) as error:
+            metrics.refusals.labels("busy").inc()
+            text = str(error) if isinstance(error, QueueFullError) else "the server is busy with other requests (its memory budget is in use); retry shortly"
+            answer = _error(503, text, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
         finally:
+            state.budget.release(reservation)
             metrics.latency.observe(time.perf_counter() - started)
+        return await _slowed(answer)
 
-    @app.post("/v2/repository/models/{requested}/load")
+    async def _slowed(answer: JSONResponse) -> JSONResponse:
+        """A request refused for what it holds (nothing in it could be scored) is answered after
+        the refusal delay, its memory already given back: a client that repeats it back to back
+        is held to one a delay a connection, so it cannot keep the server busy refusing. A
+        request with anything scored, a busy answer (503) or a timeout (408) is never held."""
+        if answer.status_code in DELAYED_REFUSALS and limits.refusal_delay_s > 0:
+            await asyncio.sleep(limits.refusal_delay_s)
+        return answer
+
+    async def _drained(request: Request, answer: JSONResponse) -> JSONResponse:
+        await _drain_body(request)
+        return answer
+
+    async def _drain_body(request: Request) -> None:
+        """Before an answer given without reading the body: read and drop it, so that a client
+        still sending hears the answer instead of a reset."""
+        await drain(request, DRAIN_FACTOR * limits.max_body_bytes, asyncio.get_running_loop().time() + limits.read_timeout_s)
+
+    async def _predict(request: Request, reservation: Reservation, served: ServedModel, picture: bool, picture_format: str, filename: str) -> JSONResponse:
+        loop = asyncio.get_running_loop()
+        limit_text = f"{limits.max_request_mb:g} MB (--max-request-mb)"
+        declared = declared_length(request)
+        if declared is not None and declared > limits.max_body_bytes:
+            await read_body(request, limits.max_body_bytes, limits.read_timeout_s, limit_text)  # drains, then 413
+        try:
+            await state.budget.grow(reservation, BODY_COPIES * min(declared if declared is not None else limits.max_body_bytes, limits.max_body_bytes))
+        except (BudgetBusyError, NeverFitsError):
+            await _drain_body(request)
+            raise
+        body = await read_body(request, limits.max_body_bytes, limits.read_timeout_s, limit_text)
+        files = await uploads(request, body, filename)
+        del body
+        if len(files) > limits.max_queue:  # could never fit, however long the client waited
+            raise RequestError(413, f"request has {len(files)} images, more than the queue holds ({limits.max_queue}, --max-queue); send fewer per request")
+        # Each image's header, then the room to decode them all, then the decoding.
+        headers = await loop.run_in_executor(pool, _headers, files, served, limits)  # one trip to the pool for them all
+        await state.budget.grow(reservation, sum(image_cost(h, served.model.layout_, _backbone(served.model), picture) for h, _ in headers if h is not None))
+        readable = sum(h is not None for h, _ in headers)
+        state.batcher.check_room(readable)  # refuse before paying for the decoding
+        lane = large_lane if reservation.nbytes > min(state.budget.small_limit, LARGE_LANE_BYTES) else pool
+        loaded = await asyncio.gather(*(
+            loop.run_in_executor(lane, _decode, name, data, served, picture, limits.max_image_pixels) if header is not None else _as_result(failure)
+            for (name, data), (header, failure) in zip(files, headers)
+        ))
+        files = None
+        waiting = iter(state.batcher.submit([(served, item) for item, status in loaded if item.error is None]))  # others may have filled it meanwhile
+        results, statuses = [], []
+        for item, status in loaded:
+            if item.error is not None:
+                metrics.images.labels(_REFUSALS[status]).inc()
+                results.append({"path": str(item.path), "error": item.error, "status": status})
+                statuses.append(status)
+                continue
+            prediction = await next(waiting)
+            item.rgb = item.tensor = None
+            # One image's full-size map at a time: the record is built and the map let go.
+            results.append(await loop.run_in_executor(lane, _record, prediction, picture, picture_format))
+            del prediction
+            metrics.images.labels("scored").inc()
+            metrics.anomalies.inc(int(results[-1]["is_anomalous"]))
+            statuses.append(200)
+        status = 200 if 200 in statuses else statuses[0]
+        reply = {"model_name": model_name, "model_version": served.sha256[:12], "results": results}
+        if status != 200:
+            reply["error"] = results[0]["error"]
+        return JSONResponse(reply, status_code=status)
+
+    @app.post("/v2/repository/models/{requested}/load", dependencies=[Depends(require_admin)])
     async def load(requested: str) -> JSONResponse:
         if requested != model_name:
             return _error(404, f"no model named '{requested}' here; this server serves '{model_name}'")
@@ -389,8 +476,42 @@ def create_app(
     return app
 
 
+def _lower_priority() -> None:
+    """This thread's CPU share after everything else's (Linux: niceness a thread at a time), so
+    that the line's own images are decoded first when both want the cores."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LARGE_LANE_NICENESS)
+    except (AttributeError, OSError):  # not Linux: the lane still bounds large work to one thread
+        pass
+
+
+class _CountRequests:
+    """ASGI middleware counting requests by route and status (plain ASGI: Starlette's
+    BaseHTTPMiddleware costs a task and a stream per request)."""
+
+    def __init__(self, app: Any, counter: Counter) -> None:
+        self.app, self.counter = app, counter
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = [500]
+
+        async def sending(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            route = scope.get("route")
+            self.counter.labels(getattr(route, "path", "other"), str(status[0])).inc()
+
+
 # -----------------------------------------------------------------------------------------------
-# Reading requests
+# One image: header, decoding, record
 
 
 _REFUSALS = {413: "too_large", 415: "not_an_image", 422: "unreadable"}
@@ -400,72 +521,63 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-async def _read_body(request: Request, limit: int) -> bytes | None:
-    """The request body, or None when it is over ``limit`` bytes. An oversized body is still read
-    (and dropped, up to a bound) so that the client gets the 413 instead of a broken connection."""
-    declared = request.headers.get("content-length")
-    over = declared is not None and declared.isdigit() and int(declared) > limit
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            over = True
-        if over:
-            chunks = []
-            if size > 4 * limit:
-                break
-            continue
-        chunks.append(chunk)
-    return None if over else b"".join(chunks)
+def _status(error: BadInputError) -> int:
+    if isinstance(error, ImageTooLargeError):
+        return 413
+    if isinstance(error, NotAnImageError):
+        return 415
+    return 422  # damaged, too small, or a size the input mode cannot take
 
 
-async def _uploads(request: Request, body: bytes, filename: str) -> list[tuple[str, bytes]] | JSONResponse:
-    """(file name, bytes) of each image: the files of a multipart form, else the body as one image."""
-    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        if not body:
-            return _error(400, "no image: send image files as multipart form data, or one image as the request body")
-        return [(filename, body)]
+def _headers(files: list[tuple[str, bytes]], served: ServedModel, limits: ServerLimits) -> list[tuple[ImageHeader | None, tuple[LoadedImage, int] | None]]:
+    return [_header(name, data, served, limits) for name, data in files]
 
-    async def once():
-        yield body
 
+def _header(name: str, data: bytes, served: ServedModel, limits: ServerLimits) -> tuple[ImageHeader | None, tuple[LoadedImage, int] | None]:
+    """One upload's header, or its error and status: refused for its format, pixels or tiles
+    before anything is decoded."""
     try:
-        form = await MultiPartParser(request.headers, once(), max_files=MAX_FILES_PER_REQUEST, max_fields=64).parse()
-    except MultiPartException as error:
-        return _error(400, f"malformed multipart form: {error.message}")
-    try:
-        files = [value for _, value in form.multi_items() if not isinstance(value, str)]
-        uploads = [(upload.filename or f"image{i + 1}", await upload.read()) for i, upload in enumerate(files)]
-    finally:
-        await form.close()
-    if not uploads:
-        return _error(400, "no image files in the multipart form (send them as file fields, e.g. curl -F file=@part.png)")
-    return uploads
+        header = read_header(data, name, limits.max_image_pixels)
+    except BadInputError as error:
+        return None, (LoadedImage(Path(name), error=str(error)), _status(error))
+    tiles = tile_count(header, served.model.layout_)
+    if tiles > limits.max_tiles:
+        message = f"'{name}': image is {header.width}x{header.height} px, {tiles} tiles of the model's tile mode, more than the limit of {limits.max_tiles} (--max-tiles)"
+        return None, (LoadedImage(Path(name), error=message), 413)
+    return header, None
 
 
-def _decode(name: str, data: bytes, served: ServedModel, keep_rgb: bool, max_pixels: int) -> tuple[LoadedImage, int]:
-    """Decode and prepare one upload for ``served``'s model: the image and 200, or its error and status."""
+async def _as_result(value: Any) -> Any:
+    return value
+
+
+def _decode(name: str, data: bytes, served: ServedModel, picture: bool, max_pixels: int) -> tuple[LoadedImage, int]:
+    """Decode and prepare one upload for ``served``'s model: the image and 200, or its error and
+    status. The image is kept only for a picture, and then only at the picture's size."""
     try:
         rgb = read_image_bytes(data, name, max_pixels)
-    except ImageTooLargeError as error:
-        return LoadedImage(Path(name), error=str(error)), 413
-    except NotAnImageError as error:
-        return LoadedImage(Path(name), error=str(error)), 415
-    except (DamagedImageError, BadInputError) as error:
-        return LoadedImage(Path(name), error=str(error)), 422
-    loaded = prepare_image(name, rgb, served.model.layout_, keep_rgb, as_array=_exported(served.model))
+    except BadInputError as error:
+        return LoadedImage(Path(name), error=str(error)), _status(error)
+    loaded = prepare_image(name, rgb, served.model.layout_, keep_rgb=picture, as_array=_exported(served.model))
+    del rgb
+    if loaded.rgb is not None:
+        loaded.rgb = shrink(loaded.rgb, PICTURE_MAX_SIDE)
     return loaded, 200 if loaded.error is None else 422
 
 
 def _record(prediction: Prediction, picture: bool, picture_format: str) -> dict[str, Any]:
-    """The JSON record (as ``predict`` writes it), with the overlay picture and the map when asked."""
+    """The JSON record (as ``predict`` writes it), with the overlay picture and the map when asked.
+    The map at the image's size is made once, for the regions; the picture's once, at its size
+    (the same map when the picture is at the image's size)."""
     record = prediction.to_record()
     if picture:
-        calibration = prediction.calibration
-        overlay = predict_picture(prediction.image, prediction.map_at, calibration, prediction.score, prediction.is_anomalous)
+        calibration, rgb = prediction.calibration, prediction.image
+        size = rgb.shape[:2]
+        at_picture = prediction.anomaly_map if tuple(size) == tuple(prediction.image_size) else prediction.map_at(size)
+        overlay = predict_picture(rgb, lambda _: at_picture, calibration, prediction.score, prediction.is_anomalous)
         record["picture"] = _data_url(overlay[..., ::-1], picture_format)
         # the map on the pictures' fixed scale: 0 = typical good, 128 = the pixel threshold, 255 = twice as far
-        level = np.clip(calibration.normalize_maps(prediction.anomaly_map) / 2.0, 0.0, 1.0)
+        level = np.clip(calibration.normalize_maps(at_picture) / 2.0, 0.0, 1.0)
         record["anomaly_map"] = _data_url((level * 255).round().astype(np.uint8), "png")
     return record
 
@@ -476,25 +588,3 @@ def _data_url(image: np.ndarray, kind: str) -> str:
     if not ok:
         raise RuntimeError(f"could not encode a {kind} picture")
     return f"data:image/{kind};base64,{base64.b64encode(encoded.tobytes()).decode('ascii')}"
-
-
-def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, **options: Any) -> int:
-    """Run the server until interrupted (the ``patchcore serve`` command). Returns the exit status:
-    2 when the model could not be loaded at start."""
-    import uvicorn
-
-    failure: list[str] = []
-    server: uvicorn.Server | None = None
-
-    def stop(message: str) -> None:
-        failure.append(message)
-        server.should_exit = True
-
-    app = create_app(model_path, reload_on_sighup=True, on_load_failure=stop, **options)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=5))
-    print(f"patchcore serve: {model_path} at http://{host}:{port}/ (ready at /v2/health/ready; pid {os.getpid()})", file=sys.stderr, flush=True)
-    server.run()
-    if failure:
-        print(f"patchcore: error: {failure[0]}", file=sys.stderr)
-        return 2
-    return 0

@@ -13,6 +13,8 @@
   const SVG_NS = "http://www.w3.org/2000/svg";
   /** the overlay picture's caption band (render.predict_picture), used until the picture has loaded */
   const CAPTION_PX = 24;
+  /** where the API key is kept: this tab's sessionStorage only (never a URL, localStorage or a cookie) */
+  const KEY_STORE = "patchcore-api-key";
 
   const $ = (selector, root = document) => root.querySelector(selector);
   const el = {
@@ -47,6 +49,11 @@
     modelWarning: $("#model-warning"),
     modelRule: $("#model-rule"),
     modelRuleText: $("#model-rule-text"),
+    keyPanel: $("#key-panel"),
+    keyForm: $("#key-form"),
+    keyInput: $("#key-input"),
+    keyButton: $("#key-button"),
+    keyError: $("#key-error"),
   };
 
   const state = {
@@ -64,6 +71,8 @@
     sortKey: "order",
     sortDescending: false,
     csvUrl: null,
+    apiKey: storedKey(), // sent as "Authorization: Bearer KEY" to /v2/models/...
+    keyWanted: false, // the key form is up: nothing is sent until a key is accepted
   };
 
   // ---------------------------------------------------------------------------------------------
@@ -96,17 +105,71 @@
   const sleep = (seconds) => new Promise((resolve) => setTimeout(resolve, seconds * 1000));
 
   // ---------------------------------------------------------------------------------------------
+  // The API key, when the server asks for one: kept in this tab's sessionStorage, sent as a header
+
+  function storedKey() {
+    try {
+      return sessionStorage.getItem(KEY_STORE) || null;
+    } catch (error) {
+      return null; // storage off: the key lives in this page only
+    }
+  }
+
+  function storeKey(key) {
+    try {
+      if (key) sessionStorage.setItem(KEY_STORE, key);
+      else sessionStorage.removeItem(KEY_STORE);
+    } catch (error) {
+      /* storage off: the key lives in this page only */
+    }
+  }
+
+  /** fetch() on /v2/models/NAME + path, with the key when there is one; a 401 asks for a key */
+  async function modelFetch(path, options) {
+    const key = state.apiKey;
+    const headers = key ? { Authorization: `Bearer ${key}` } : {};
+    const reply = await fetch(`/v2/models/${encodeURIComponent(state.name)}${path}`, { ...options, headers });
+    if (reply.status === 401 && key === state.apiKey) {
+      // (a 401 for a key replaced meanwhile is stale: the caller tries again with the new one)
+      const body = await reply.clone().json().catch(() => null);
+      askForKey((body && body.error) || "the server refused the key (HTTP 401)");
+    }
+    return reply;
+  }
+
+  function askForKey(message) {
+    state.apiKey = null;
+    storeKey(null);
+    state.keyWanted = true;
+    el.keyPanel.hidden = false;
+    el.keyError.hidden = !message;
+    el.keyError.textContent = message || "";
+    el.keyButton.disabled = false;
+    setStatus("locked", "API key needed");
+    el.keyInput.focus();
+    el.keyInput.select();
+  }
+
+  function keyAccepted() {
+    state.keyWanted = false;
+    el.keyPanel.hidden = true;
+    el.keyInput.value = "";
+  }
+
+  // ---------------------------------------------------------------------------------------------
   // The model
 
   async function connect() {
     for (;;) {
       try {
-        const server = await fetch("/v2", { cache: "no-store" });
-        const name = (await server.json()).models[0];
-        const reply = await fetch(`/v2/models/${encodeURIComponent(name)}`, { cache: "no-store" });
+        const server = await (await fetch("/v2", { cache: "no-store" })).json();
+        state.name = server.models[0];
+        if (server.api_key_required && !state.apiKey) return askForKey("");
+        const reply = await modelFetch("", { cache: "no-store" });
+        if (reply.status === 401) return; // the key form is up; "Use key" connects again
         const body = await reply.json();
         if (reply.ok) {
-          state.name = name;
+          keyAccepted();
           showModel(body);
           pump();
           return;
@@ -121,7 +184,7 @@
 
   async function refreshModel() {
     try {
-      const reply = await fetch(`/v2/models/${encodeURIComponent(state.name)}`, { cache: "no-store" });
+      const reply = await modelFetch("", { cache: "no-store" });
       if (reply.ok) showModel(await reply.json());
     } catch (error) {
       /* keep the description there is */
@@ -218,7 +281,7 @@
   }
 
   function pump() {
-    if (!state.meta) return;
+    if (!state.meta || state.keyWanted) return;
     while (state.inFlight < IN_FLIGHT && state.waiting.length) {
       const group = takeGroup();
       if (group.length === 0) break;
@@ -240,7 +303,7 @@
       let reply;
       let body = null;
       try {
-        reply = await fetch(`/v2/models/${encodeURIComponent(state.name)}/predict?picture=true`, { method: "POST", body: form });
+        reply = await modelFetch("/predict?picture=true", { method: "POST", body: form });
         body = await reply.json().catch(() => null);
       } catch (error) {
         failures += 1;
@@ -250,6 +313,10 @@
           continue;
         }
         for (const entry of group) finish(entry, { path: entry.name, error: `could not reach the server (${error.message})` });
+        return;
+      }
+      if (reply.status === 401) {
+        state.waiting.unshift(...group); // sent again once a key is accepted
         return;
       }
       if (reply.status === 503 && busy < BUSY_RETRIES) {
@@ -640,19 +707,24 @@
     el.tableEmpty.textContent = state.entries.length ? "No failed images at this threshold." : "No images yet. Results appear here as they are scored.";
   }
 
-  function csvField(value) {
-    const text = value == null ? "" : String(value);
+  /** One CSV cell. Text (file names, errors: from users and the network) that a spreadsheet would
+   * run as a formula, = + - @ tab or CR first, gets a ' in front (OWASP); numbers stay numbers. */
+  function csvField(value, isText = false) {
+    let text = value == null ? "" : String(value);
+    if (isText && /^[=+\-@\t\r]/.test(text)) text = `'${text}`;
     return /[",\n\r]/.test(text) ? `"${text.replace(/"/g, '""')}"` : text;
   }
 
   function buildCsv() {
     const lines = [["order", "file", "score", "normalized_score", "threshold", "decision", "regions", "model_version", "error"].join(",")];
+    const number = (x) => csvField(x);
+    const text = (x) => csvField(x, true);
     for (const entry of state.entries) {
       const r = entry.record;
       lines.push([
-        entry.order, entry.name, r ? r.score : "", r ? r.normalized_score : "", state.threshold,
-        DECISION_TEXT[decisionOf(entry)], r ? r.regions.length : "", entry.modelVersion, entry.error,
-      ].map(csvField).join(","));
+        number(entry.order), text(entry.name), number(r ? r.score : ""), number(r ? r.normalized_score : ""), number(state.threshold),
+        text(DECISION_TEXT[decisionOf(entry)]), number(r ? r.regions.length : ""), text(entry.modelVersion), text(entry.error),
+      ].join(","));
     }
     return lines.join("\r\n") + "\r\n";
   }
@@ -728,6 +800,20 @@
     if (state.csvUrl) URL.revokeObjectURL(state.csvUrl);
     state.csvUrl = URL.createObjectURL(new Blob([buildCsv()], { type: "text/csv" }));
     el.exportCsv.href = state.csvUrl;
+  });
+
+  el.keyForm.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const key = el.keyInput.value.trim();
+    if (!/^[\x21-\x7e]+$/.test(key)) {
+      el.keyError.hidden = false;
+      el.keyError.textContent = "An API key is printable ASCII without spaces.";
+      return;
+    }
+    state.apiKey = key;
+    storeKey(key);
+    el.keyButton.disabled = true; // until the server has answered
+    connect();
   });
 
   el.clear.addEventListener("click", () => {
