@@ -375,7 +375,8 @@ def machine() -> dict:
 
 def commit() -> str:
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    # results files written by earlier runs are not changes to the code measured
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     return head + ("+changes" if dirty else "")
 
 
