@@ -123,7 +123,8 @@ def test_predict_command_reports_bad_files_and_scores_the_rest(model_file, welds
     failed = {Path(r["path"]).name: r["error"] for r in records if "error" in r}
     assert len(scored) == 3
     assert sorted(failed) == ["cut.png", "notes.txt"]
-    assert "not a readable image" in failed["notes.txt"] and "not a readable image" in failed["cut.png"]
+    assert failed["notes.txt"] == f"'{folder / 'notes.txt'}': not an accepted image format (not an image; accepted: PNG, JPEG, BMP, TIFF, WebP, PNM)"
+    assert failed["cut.png"].startswith(f"'{folder / 'cut.png'}': not a readable image (")
     for record in scored:
         assert set(record) == {"path", "score", "normalized_score", "is_anomalous", "threshold", "image_size", "regions", "picture"}
         width, height = Image.open(good[0]).size
