@@ -46,7 +46,8 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".
 #: room for a line-scan camera's 50+ MP frames. The server's is lower (below).
 DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
 #: the server's pixel limit: a 40 MP image (a 7,500 x 5,300 camera frame) of any mode, and its
-#: picture, fit the default memory budget of a machine with 24 GB or more (``serve --max-memory-mb``)
+#: picture, fit the default memory budget of a machine with 24 GB or more (``serve --max-memory-mb``),
+#: but for a WebP with alpha (up to 36 MP there)
 DEFAULT_SERVER_MAX_IMAGE_PIXELS = 40_000_000
 #: the smallest image side the maps' blur can mirror at the borders
 MIN_SIDE = 8
@@ -174,10 +175,7 @@ def read_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXE
     images are all brought to 8-bit RGB; EXIF orientation is applied. ``max_pixels`` None: no
     limit of the intake's own (Pillow's still applies unless :func:`own_the_pixel_limit` was called).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise BadInputError(f"'{path}': no such file")
-    return _decode(path, str(path), max_pixels)
+    return _decode(Path(path), str(path), max_pixels)
 
 
 def read_image_bytes(data: bytes, name: str, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:

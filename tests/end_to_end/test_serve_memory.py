@@ -21,7 +21,7 @@ import gc, io, json, sys
 import numpy as np
 from PIL import Image
 from patchcore.intake import read_header
-from patchcore.serve.app import _backbone, _decode, _record, load_served_model
+from patchcore.serve.app import _decode, _record, load_served_model
 from patchcore.serve.budget import image_cost
 
 def status(field):
@@ -53,7 +53,7 @@ del loaded
 record = _record(prediction, picture, "jpeg")
 peak = status("VmHWM:") - before
 print(json.dumps({
-    "peak": peak, "cost": image_cost(header, served.model.layout_, _backbone(served.model), picture),
+    "peak": peak, "cost": image_cost(header, served.model.layout_, served.metadata["backbone"], picture),
     "regions": len(record["regions"]), "picture": "picture" in record, "status": status_code,
 }))
 """

@@ -137,10 +137,6 @@ def _exported(model: PatchCore | ExportedModel) -> bool:
     return isinstance(model, ExportedModel)
 
 
-def _backbone(model: PatchCore | ExportedModel) -> str:
-    return model.settings["backbone"] if _exported(model) else model.backbone
-
-
 def _describe(served: ServedModel) -> dict[str, Any]:
     model, calibration = served.model, served.model.calibration_
     settings = model.settings if _exported(model) else model.settings()
@@ -253,7 +249,7 @@ def create_app(
                 return False, f"{message}; still serving the model loaded at {state.served.loaded_at} (sha256 {state.served.sha256[:12]})"
             state.served, state.load_error = served, None
             metrics.reloads.labels("ok").inc()
-            metrics.model.info({"file": model_path.name, "sha256": served.sha256, "backbone": _backbone(served.model), "loaded_at": served.loaded_at})
+            metrics.model.info({"file": model_path.name, "sha256": served.sha256, "backbone": served.metadata["backbone"], "loaded_at": served.loaded_at})
             return True, f"loaded {model_path.name} (sha256 {served.sha256[:12]})"
 
     async def first_load() -> None:
@@ -396,7 +392,7 @@ def create_app(
     async def _slowed(answer: JSONResponse) -> JSONResponse:
         """A request refused for what it holds (nothing in it could be scored) is answered after
         the refusal delay, its memory already given back: a client that repeats it back to back
-        is held to one a delay a connection, so it cannot keep the server busy refusing. A
+        is held to one request a delay on each connection, so it cannot keep the server busy. A
         request with anything scored, a busy answer (503) or a timeout (408) is never held."""
         if answer.status_code in DELAYED_REFUSALS and limits.refusal_delay_s > 0:
             await asyncio.sleep(limits.refusal_delay_s)
@@ -418,7 +414,7 @@ def create_app(
         if declared is not None and declared > limits.max_body_bytes:
             await read_body(request, limits.max_body_bytes, limits.read_timeout_s, limit_text)  # drains, then 413
         try:
-            await state.budget.grow(reservation, BODY_COPIES * min(declared if declared is not None else limits.max_body_bytes, limits.max_body_bytes))
+            await state.budget.grow(reservation, BODY_COPIES * (declared if declared is not None else limits.max_body_bytes))
         except (BudgetBusyError, NeverFitsError):
             await _drain_body(request)
             raise
@@ -429,7 +425,7 @@ def create_app(
             raise RequestError(413, f"request has {len(files)} images, more than the queue holds ({limits.max_queue}, --max-queue); send fewer per request")
         # Each image's header, then the room to decode them all, then the decoding.
         headers = await loop.run_in_executor(pool, _headers, files, served, limits)  # one trip to the pool for them all
-        await state.budget.grow(reservation, sum(image_cost(h, served.model.layout_, _backbone(served.model), picture) for h, _ in headers if h is not None))
+        await state.budget.grow(reservation, sum(image_cost(h, served.model.layout_, served.metadata["backbone"], picture) for h, _ in headers if h is not None))
         readable = sum(h is not None for h, _ in headers)
         state.batcher.check_room(readable)  # refuse before paying for the decoding
         lane = large_lane if reservation.nbytes > min(state.budget.small_limit, LARGE_LANE_BYTES) else pool

@@ -75,8 +75,7 @@ def image_cost(header: ImageHeader, layout: InputLayout, backbone: str, picture:
     the image's pixels, what scoring holds over the input's pixels, and the picture if asked."""
     pixels = header.pixels
     per_pixel = max(header.decode_bytes / max(pixels, 1), PREPARE_BYTES_PER_PIXEL, RECORD_BYTES_PER_PIXEL)
-    # Either way round: an EXIF turn of the image is only known once it is decoded.
-    input_pixels = max(math.prod(layout.input_hw(hw)) for hw in ((header.height, header.width), (header.width, header.height)))
+    input_pixels = max(math.prod(layout.input_hw(hw)) for hw in _either_way(header))
     scoring = INPUT_BYTES_PER_PIXEL + SCORING_BYTES_PER_INPUT_PIXEL.get(backbone, SCORING_BYTES_PER_INPUT_PIXEL_UNKNOWN)
     cost = math.ceil(pixels * per_pixel) + input_pixels * scoring + IMAGE_OVERHEAD_BYTES
     if picture:
@@ -88,7 +87,12 @@ def tile_count(header: ImageHeader, layout: InputLayout) -> int:
     """How many tiles a tile-mode model cuts the image into (1 in the other modes)."""
     if layout.mode != "tile":
         return 1
-    return max(len(layout.tiles(layout.input_hw(hw), layout.stride) or [None]) for hw in ((header.height, header.width), (header.width, header.height)))
+    return max(len(layout.tiles(layout.input_hw(hw), layout.stride) or [None]) for hw in _either_way(header))
+
+
+def _either_way(header: ImageHeader) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(H, W) as stored and turned: an EXIF turn of the image is only known once it is decoded."""
+    return (header.height, header.width), (header.width, header.height)
 
 
 def request_cap(capacity: int, per_request: int | None = None) -> int:
@@ -124,7 +128,7 @@ class MemoryBudget:
             raise ValueError(f"need a memory budget of at least 16 MB, got {capacity / MB:g} MB")
         self.capacity = capacity
         self.small_limit = int(capacity * SMALL_SHARE)  # a request of at most this much is small
-        self.large_room = capacity - self.small_limit  # what large requests may hold together
+        self.large_room = request_cap(capacity)  # what large requests may hold together
         self.per_request = request_cap(capacity, per_request)
         if not 0 < self.per_request <= self.large_room:
             raise ValueError(

@@ -3,12 +3,13 @@ the process settings a server needs, set here at start-up and never on import.""
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
-from ..intake import ImageHeader, own_the_pixel_limit
+from ..intake import DECODE_BYTES_PER_PIXEL, ImageHeader, own_the_pixel_limit
 from ..layout import InputLayout
 from .access import AccessRules
 from .app import create_app
@@ -75,8 +76,10 @@ def describe(model_path: str | Path, scheme: str, host: str, port: int, limits: 
         "reload over HTTP: " + ("with the admin token" if access.admin_token else "off (no admin token; SIGHUP reloads)")
         + "; scoring: " + (f"API key needed ({len(access.api_keys)} keys)" if access.api_keys else "open (no API keys)"),
     ]
-    largest = ImageHeader("largest", "PNG", "I", limits.max_image_pixels, 1)  # the costliest mode, at the pixel limit
-    need = image_cost(largest, InputLayout("square"), "", True)
+    # A square image at the pixel limit, in the costliest mode (WebP's decoder, dearer still, aside)
+    side = math.isqrt(limits.max_image_pixels)
+    costliest = max(DECODE_BYTES_PER_PIXEL, key=DECODE_BYTES_PER_PIXEL.get)
+    need = image_cost(ImageHeader("largest", "PNG", costliest, side, side), InputLayout("square"), "", True)
     if need > cap:
         lines.append(
             f"warning: an image of {limits.max_image_pixels:,} px may need up to {need / MB:.0f} MB, more than one request may hold; "
