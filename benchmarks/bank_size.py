@@ -44,7 +44,8 @@ from patchcore.evaluate import evaluate
 
 # The sets, and the machine line, of the quality benchmark beside this file.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import RUNS, machine
+from provenance import describe, headline, provenance, stamped
+from quality import RUNS
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = (250, 500, 1000, 2000, 5000, 10000, 20000)
@@ -88,14 +89,13 @@ def fit_and_score(data: Path, backbone: str, scratch: Path, **bank) -> dict:
 
 
 def run(args: argparse.Namespace, save=lambda summary: None) -> dict:
-    summary = {
+    summary = stamped(provenance(), {
         "backbone": args.backbone,
         "input_mode": "square",
-        "machine": machine(),
         "false_alarm_rate": DEFAULT_FALSE_ALARM_RATE,
-        "command": f"PatchCore({args.backbone!r}, bank_size=N).fit(train/good), then patchcore.evaluate.evaluate (no pictures)",
+        "procedure": f"PatchCore({args.backbone!r}, bank_size=N).fit(train/good), then patchcore.evaluate.evaluate (no pictures)",
         "results": {},
-    }
+    })
     for name in args.sets:
         data = args.data / RUNS[name][0]
         rows = summary["results"][name] = []
@@ -128,7 +128,8 @@ def run(args: argparse.Namespace, save=lambda summary: None) -> dict:
 
 def markdown(summary: dict) -> str:
     intro = (
-        f"{summary['command']}; {summary['backbone']}, {summary['input_mode']} input, on {summary['machine']}; calibrated at a {summary['false_alarm_rate']:.0%} false-alarm rate. "
+        f"{summary['procedure']}; {summary['backbone']}, {summary['input_mode']} input, on {describe(summary['machine'])} "
+        f"({headline(summary)}); calibrated at a {summary['false_alarm_rate']:.0%} false-alarm rate. "
         "Scoring ms per test image: wall time of reading, backbone, search and maps, no pictures; test CPU ms: this process's CPU time (all threads) "
         "for the same plus the metrics, per test image. On a machine shared with other work, wall and CPU times both swing (waiting threads spin); "
         "the accuracy columns do not: the fits are deterministic."

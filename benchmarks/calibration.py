@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from provenance import describe, headline, provenance, stamped  # benchmarks/provenance.py: this folder is on sys.path when run as a script
 
 from patchcore import PatchCore
 from patchcore.calibrate import order_statistic_cut
@@ -111,7 +112,8 @@ def run_set(name: str, data: Path, backbone: str, folds: int) -> dict:
 
 
 def markdown(summary: dict) -> str:
-    lines = [f"`benchmarks/calibration.py --backbone {summary['backbone']} --folds {summary['folds']}`", ""]
+    lines = [f"{headline(summary)}, on {describe(summary['machine'])}; "
+             f"backbone {summary['backbone']}, {summary['folds']} folds", ""]
     lines += ["| set | rule | rate | cut | good flagged | defects missed | F1 |", "|---|---|---|---|---|---|---|"]
     for name, r in summary["results"].items():
         h = r["held_out_highest"]
@@ -143,12 +145,13 @@ if __name__ == "__main__":
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
+    fields = provenance()
     results = {}
     for name, relative in SETS.items():
         results[name] = run_set(name, args.data / relative, args.backbone, args.folds)
         print(name, json.dumps(results[name]["rates"]["0.05"]), flush=True)
     good_total = sum(int((np.array([s.label for s in list_test_samples(args.data / rel)]) == 0).sum()) for rel in SETS.values())
-    summary = {"backbone": args.backbone, "folds": args.folds, "good_test_images": good_total, "results": results}
+    summary = stamped(fields, {"backbone": args.backbone, "folds": args.folds, "good_test_images": good_total, "results": results})
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"calibration_{args.backbone}.json").write_text(json.dumps(summary, indent=2) + "\n")
     (args.out / f"calibration_{args.backbone}.md").write_text(markdown(summary))

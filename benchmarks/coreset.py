@@ -25,13 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from provenance import describe, headline, provenance, stamped  # benchmarks/provenance.py: this folder is on sys.path when run as a script
 
 from patchcore import PatchCore
 from patchcore.coreset import _greedy_plain, greedy_coreset
@@ -86,6 +85,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path(os.environ.get("PATCHCORE_DATA", REPO.parent / "shared" / "data")))
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
+    fields = provenance()
 
     points = bottle_projection(args.data, args.backbone)
     total = len(points)
@@ -106,12 +106,10 @@ def main() -> None:
     print(f"first {few:,} picks: cpu loop {cpu_seconds:.2f} s, plain loop {plain_seconds:.2f} s ({side['speedup']:.1f}x); "
           f"same picks: {difference is None}{parted}", flush=True)
 
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, threads {torch.get_num_threads()}"
-    result = {"machine": machine, "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-              "backbone": args.backbone, "points": total, "dims": int(points.shape[1]), "full": full, "side_by_side": side}
+    result = stamped(fields, {"backbone": args.backbone, "points": total, "dims": int(points.shape[1]), "full": full, "side_by_side": side})
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "coreset.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"Machine: {machine}. Command: `{result['command']}`.", "",
+    lines = [f"Machine: {describe(result['machine'])}. Command: {headline(result)}.", "",
              f"Points: the float16 {result['dims']}-d projection of bottle's {total:,} training patches ({args.backbone}).", "",
              "| run | picks | seconds | entries read (share of N x M) | distances computed (share of N x M) |", "|---|---|---|---|---|",
              f"| CPU loop, {args.ratio:.0%} | {count:,} | {seconds:.1f} | {full['entries_read_share']:.2%} | {full['distances_share']:.2%} |", "",

@@ -18,7 +18,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 from export_speed import resident_mb  # this folder is on sys.path when run as a script
+from provenance import describe, headline, provenance, stamped
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGES = ["good/000.png", "good/001.png", "broken_large/000.png", "contamination/001.png"]
@@ -60,6 +60,8 @@ def main() -> None:
 
     from patchcore import PatchCore
     from patchcore.export import export_model
+
+    fields = provenance()
     from patchcore.search import NearestNeighbourIndex
 
     bottle = args.data / "mvtec_ad" / "bottle"
@@ -98,8 +100,7 @@ def main() -> None:
     pytorch_seconds = time.perf_counter() - started
     relative = float(np.max(np.abs(np.array(runtime["scores"]) - expected) / np.array(expected)))
 
-    summary = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
+    summary = stamped(fields, {
         "memory_bank_shape": list(large.shape),
         "memory_bank_bytes": bank_bytes,
         "files_bytes": files,
@@ -115,11 +116,11 @@ def main() -> None:
         "onnxruntime_process_peak_mb": runtime["peak_mb"],
         "pytorch_score_seconds": pytorch_seconds,
         "decisions_equal": [s >= model.calibration_.image_threshold for s in runtime["scores"]] == [s >= model.calibration_.image_threshold for s in expected],
-    }
+    })
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "export_large.json").write_text(json.dumps(summary, indent=2) + "\n")
     lines = [
-        f"Machine: {summary['machine']}. Bottle's MobileNetV2 bank repeated with noise to {large.shape[0]:,} x {large.shape[1]} entries ({bank_bytes / 1e9:.2f} GB of float32).",
+        f"Machine: {describe(summary['machine'])}. Command: {headline(summary)}. Bottle's MobileNetV2 bank repeated with noise to {large.shape[0]:,} x {large.shape[1]} entries ({bank_bytes / 1e9:.2f} GB of float32).",
         "",
         "| file | size |",
         "|---|---|",

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from provenance import describe, headline, provenance, stamped  # benchmarks/provenance.py: this folder is on sys.path when run as a script
 
 from patchcore import PatchCore
 from patchcore.data import list_test_samples, prepare_image
@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path(os.environ.get("PATCHCORE_DATA", REPO.parent / "shared" / "data")))
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
+    fields = provenance()
     bottle = args.data / "mvtec_ad" / "bottle"
     scratch = Path(tempfile.mkdtemp(prefix="export_parity."))
     model_file = args.model
@@ -91,10 +92,8 @@ def main() -> None:
         }
     reference = results["pytorch"]
     span = float(reference["maps"].max() - reference["maps"].min())
-    summary = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, openvino {openvino.__version__}",
-        "model": str(model_file), "images": len(samples), "batch": BATCH, "map_range": span, "engines": {},
-    }
+    fields["machine"].update(onnxruntime=onnxruntime.__version__, openvino=openvino.__version__)
+    summary = stamped(fields, {"model": str(model_file), "images": len(samples), "batch": BATCH, "map_range": span, "engines": {}})
     for name, result in results.items():
         summary["engines"][name] = {
             "image_auroc": round(result["image_auroc"], 6),
@@ -114,7 +113,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "export_parity.json").write_text(json.dumps(summary, indent=2) + "\n")
     lines = [
-        f"Machine: {summary['machine']}. Model: MobileNetV2 on MVTec AD bottle; its {len(samples)} test images, batches of {BATCH}, decoded and prepared once by the library.",
+        f"Machine: {describe(summary['machine'])}. Command: {headline(summary)}. Model: MobileNetV2 on MVTec AD bottle; its {len(samples)} test images, batches of {BATCH}, decoded and prepared once by the library.",
         "",
         "| engine | image AUROC | pixel AUROC | max relative score difference | max map difference (of the map's range) | decisions differing | parity checks |",
         "|---|---|---|---|---|---|---|",

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from provenance import describe, headline, provenance, stamped  # benchmarks/provenance.py: this folder is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH = 8
@@ -111,7 +111,6 @@ def main() -> None:
 
     import onnxruntime
     import openvino
-    import torch
 
     from patchcore import PatchCore
     from patchcore.data import list_test_samples, prepare_image
@@ -120,10 +119,8 @@ def main() -> None:
     bottle = args.data / "mvtec_ad" / "bottle"
     scratch = Path(tempfile.mkdtemp(prefix="export_speed."))
     given = dict(item.split("=", 1) for item in args.model)
-    summary: dict = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, openvino {openvino.__version__}",
-        "images": None, "batch": BATCH, "rounds": args.rounds, "backbones": {},
-    }
+    fields = provenance(onnxruntime=onnxruntime.__version__, openvino=openvino.__version__)
+    summary: dict = stamped(fields, {"images": None, "batch": BATCH, "rounds": args.rounds, "backbones": {}})
     for backbone in BACKBONES:
         model_file = Path(given[backbone]) if backbone in given else fit(backbone, bottle, scratch)
         files = {"pytorch": model_file, "onnxruntime": scratch / f"{backbone}.onnx", "openvino": scratch / "ov" / f"{backbone}.xml"}
@@ -174,7 +171,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "export_speed.json").write_text(json.dumps(summary, indent=2) + "\n")
     lines = [
-        f"Machine: {summary['machine']}. MVTec AD bottle's {summary['images']} test images, prepared once, batches of {BATCH}; "
+        f"Machine: {describe(summary['machine'])}. Command: {headline(summary)}. MVTec AD bottle's {summary['images']} test images, prepared once, batches of {BATCH}; "
         f"each engine in its own process, the fastest of {args.rounds} interleaved rounds; peak memory is the process's peak resident set.",
         "",
         "| backbone (bank) | engine | images/s (vs PyTorch) | peak memory MB (vs PyTorch) | load s | model file MB | max relative score difference |",

@@ -43,7 +43,6 @@ import io
 import json
 import math
 import os
-import platform
 import random
 import socket
 import subprocess
@@ -58,6 +57,7 @@ import httpx
 import numpy as np
 import psutil
 from PIL import Image
+from provenance import provenance, stamped  # benchmarks/provenance.py: this folder is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 BOUNDARY = "patchcore-hostile-boundary"
@@ -368,18 +368,6 @@ def reference_predictions(model: Path, images: list[Path]) -> dict[str, dict]:
     return {f"{p.parent.name}/{p.name}": {"score": r.score, "is_anomalous": bool(r.is_anomalous)} for p, r in zip(images, library.predict(images))}
 
 
-def machine() -> dict:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
-    return {"cpu": model, "cores": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1), "python": platform.python_version()}
-
-
-def commit() -> str:
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    # results files written by earlier runs are not changes to the code measured
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    return head + ("+changes" if dirty else "")
-
-
 def option_value(options: list[str], name: str, default: float) -> float:
     for i, option in enumerate(options):
         if option == name and i + 1 < len(options):
@@ -389,18 +377,17 @@ def option_value(options: list[str], name: str, default: float) -> float:
     return default
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, fields: dict) -> dict:
     options = [part for option in args.server_option for part in option.split("=", 1)] if args.server_option else []
     max_pixels = int(option_value(options, "--max-image-pixels", DEFAULT_MAX_IMAGE_PIXELS))
     max_request_mb = option_value(options, "--max-request-mb", DEFAULT_MAX_REQUEST_MB)
     images = sorted((args.data / "mvtec_ad" / "bottle" / "test").rglob("*.png"))
-    results: dict = {
-        "command": "benchmarks/hostile_load.py " + " ".join(sys.argv[1:]), "commit": commit(), "machine": machine(),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "server_options": ["--device", "cpu", *options],
+    results: dict = stamped(fields, {
+        "server_options": ["--device", "cpu", *options],
         "seconds": args.seconds, "baseline_seconds": args.baseline_seconds, "clients": {
             "normal": args.normal_clients, "hostile_4_images": args.hostile_clients, "hostile_1_image": args.single_clients, "bad": args.bad_clients,
         },
-    }
+    })
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         model = args.model
@@ -472,7 +459,8 @@ def markdown(r: dict) -> str:
     m, alone, attacked = r["memory"], r["alone"]["normal"], r["attacked"]["normal"]
     lines = [
         "# Hostile load on `patchcore serve`", "",
-        f"`{r['command']}` at commit `{r['commit']}`, {r['date']}, on {r['machine']['cpu']} ({r['machine']['cores']} cores, {r['machine']['memory_gb']} GB).",
+        f"`{r['command']}` at commit `{r['commit']}`{' with uncommitted changes to ' + ', '.join(r.get('changed_files', [])) if r.get('dirty') else ''}, {r['date']}, "
+        f"on {r['machine']['cpu']} ({r['machine']['cores']} cores, {r['machine']['memory_gb']} GB).",
         f"Server: `patchcore serve MODEL {' '.join(r['server_options'])}` (bottle, MobileNetV2); budget {m['budget_mb']:.0f} MB.", "",
         "| memory of the server's process tree | MB |", "|---|---|",
         f"| idle (model loaded, warm) | {m['idle_mb']:.0f} |", f"| peak during the run | {m['peak_mb']:.0f} |",
@@ -518,7 +506,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    results = run(args)
+    results = run(args, provenance(argv))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.label}.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / f"{args.label}.md").write_text(markdown(results))

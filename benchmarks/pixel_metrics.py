@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from provenance import provenance, stamped  # benchmarks/provenance.py: this folder is on sys.path when run as a script
 from sklearn.metrics import roc_auc_score
 
 from patchcore.metrics import compute_metrics
@@ -29,6 +30,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=900)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
+    fields = provenance()
     rng = np.random.default_rng(0)
     masks = np.zeros((args.images, args.size, args.size), dtype=bool)
     masks[:, 300:400, 200:400] = True
@@ -55,7 +57,7 @@ def main() -> None:
     }
     assert abs(result["pixel_auroc"] - reference) < 1e-9, result
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "pixel_metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "pixel_metrics.json").write_text(json.dumps(stamped(fields, result), indent=2) + "\n")
     print(
         f"{result['pixels']:,} pixels: patchcore AUROC + AUPRO {ours_seconds:.1f} s; scikit-learn AUROC alone {sklearn_seconds:.1f} s "
         f"({result['ratio']:.1f}x); AUROC {result['pixel_auroc']:.6f} both"

@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+from provenance import describe, headline, provenance, stamped  # benchmarks/provenance.py: this folder is on sys.path when run as a script
 
 from patchcore.calibrate import DEFAULT_FALSE_ALARM_RATE
 from patchcore.cli import main as patchcore
@@ -38,11 +36,8 @@ COLUMNS = [
 ]
 
 
-def machine() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {'CUDA' if torch.cuda.is_available() else 'CPU only'}"
-
-
 def run(args: argparse.Namespace) -> dict:
+    fields = provenance()
     results: dict[str, dict[str, dict]] = {}
     with tempfile.TemporaryDirectory() as scratch:
         for name, (relative, modes) in RUNS.items():
@@ -57,13 +52,12 @@ def run(args: argparse.Namespace) -> dict:
                 row["bank"] = metrics["model"]["memory_bank_shape"]
                 results.setdefault(name, {})[mode] = row
                 print(f"{name} {mode}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float)), flush=True)
-    return {
+    return stamped(fields, {
         "backbone": args.backbone,
-        "machine": machine(),
         "false_alarm_rate": DEFAULT_FALSE_ALARM_RATE,
-        "command": f"patchcore train DATA --backbone {args.backbone} --input-mode MODE --out DIR",
+        "procedure": f"patchcore train DATA --backbone {args.backbone} --input-mode MODE --out DIR",
         "results": results,
-    }
+    })
 
 
 def markdown(summary: dict) -> str:
@@ -71,7 +65,7 @@ def markdown(summary: dict) -> str:
         "| data | input mode | image AUROC | pixel AUROC | pixel AUROC, input grid | AUPRO | image F1 (calibrated) | image F1 (best) | "
         "good flagged | defects missed | fit s | scoring img/s | bank |"
     )
-    lines = [f"`{summary['command']}` on {summary['machine']}; false-alarm rate {summary['false_alarm_rate']:.0%}", "", header, "|---" * 13 + "|"]
+    lines = [f"`{summary['procedure']}` on {describe(summary['machine'])} ({headline(summary)}); false-alarm rate {summary['false_alarm_rate']:.0%}", "", header, "|---" * 13 + "|"]
     flagged = good = 0
     for name, modes in summary["results"].items():
         for mode, r in modes.items():

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -47,6 +46,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "end_to_end"))
 
+from provenance import describe, headline, provenance, short, stamped  # noqa: E402  (benchmarks/provenance.py, beside this file)
 from ray_cluster import LocalRayCluster, auth_env  # noqa: E402  (the tests' helper)
 
 CONFIGURATIONS = ("local", "ray_local", "ray_cluster")
@@ -185,10 +185,13 @@ def fit_section(data: Path, work: Path) -> dict:
 def markdown(summary: dict) -> str:
     before, after = summary.get("load_average_1min", ["?", "?"])
     lines = [
-        f"Machine: {summary['machine']}; 1-minute load average {before} at the start, {after} at the end (a shared machine). "
+        f"Machine: {describe(summary['machine'])}; 1-minute load average {before} at the start, {after} at the end (a shared machine). "
         f"{summary.get('images')}; model {summary.get('model')}. Pictures on; each run a fresh `patchcore predict` process, once.",
         "",
     ]
+    sections = summary.get("sections", {})
+    if sections:
+        lines += ["Runs: " + "; ".join(f"{name}: {headline(s)}" for name, s in sections.items()), ""]
     if "predict" in summary:
         lines += [
             "## predict",
@@ -257,11 +260,13 @@ def main() -> None:
     args = parser.parse_args()
 
     import ray
-    import torch
 
+    fields = provenance(ray=ray.__version__)
     images = image_list(args.data, args.images)
     earlier = args.out / "ray_overhead.json"
     summary = json.loads(earlier.read_text()) if args.only and earlier.is_file() else {}
+    # which run made each section: the sections kept from the earlier file keep theirs
+    sections = dict(summary.get("sections") or {name: short(summary) for name in ("predict", "network", "fit") if name in summary and "commit" in summary})
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="ray-overhead-") as folder:
         work = Path(folder)
@@ -278,10 +283,12 @@ def main() -> None:
                 "predict": predict,
                 "network": network,
             })
+            sections["predict"] = sections["network"] = short(fields)
         if args.only != "predict":
             summary["fit"] = fit_section(args.data, work)
             summary["fit"]["load_average_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
-    summary["machine"] = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, ray {ray.__version__}"
+            sections["fit"] = short(fields)
+    summary = stamped(fields, {**summary, "sections": sections})
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "ray_overhead.json").write_text(json.dumps(summary, indent=2) + "\n")
     text = markdown(summary)

@@ -22,6 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from provenance import provenance, stamped  # benchmarks/provenance.py: this folder is on sys.path when run as a script
+
 REPO = Path(__file__).resolve().parents[1]
 INSTALLS = {"runtime": "patchcore[runtime]", "runtime,serve": "patchcore[runtime,serve]", "runtime,openvino": "patchcore[runtime,openvino]"}
 
@@ -42,6 +44,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path(os.environ.get("PATCHCORE_DATA", REPO.parent / "shared" / "data")))
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
+    fields = provenance()
     scratch = Path(tempfile.mkdtemp(prefix="runtime_install."))
     source = scratch / "source"
     source.mkdir()
@@ -67,13 +70,13 @@ def main() -> None:
         capture_output=True, text=True,
     )
     lines_written = (scratch / "predicted" / "predictions.jsonl").read_text().splitlines() if predicted.returncode == 0 else []
-    summary = {
+    summary = stamped(fields, {
         "sizes_mb": sizes,
         "runtime_venv_imports_torch": torch_probe.returncode == 0,
         "runtime_venv_predict_exit_status": predicted.returncode,
         "runtime_venv_predictions": len(lines_written),
         "runtime_venv_packages": subprocess.run([str(runtime / "python"), "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True).stdout.split(),
-    }
+    })
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "runtime_install.json").write_text(json.dumps(summary, indent=2) + "\n")
     full = sizes["full (scripts/setup.sh)"]

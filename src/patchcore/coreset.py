@@ -34,37 +34,14 @@ from typing import Callable
 import numba
 import numpy as np
 import torch
-from llvmlite import ir
-from numba.extending import intrinsic, overload
+
+from .kernels import as_float, squared_distance, start_compiled_threads
+from .search import NearestNeighbourIndex
 
 #: a cell is read when its centre is nearer the new pick than twice its largest radius, by this
 #: factor on the squared distances: the triangle inequality holds for exact distances, not for
 #: their float32 roundings, so the test errs towards reading a cell rather than skipping one
 READ_MARGIN = 1.001
-
-
-@numba.njit(parallel=True, cache=True)
-def _touch_threads(out):  # pragma: no cover - compiled
-    for i in numba.prange(out.shape[0]):
-        out[i] = i
-
-
-def start_compiled_threads() -> None:
-    """Start numba's thread pool, keeping torch's thread count. numba's OpenMP pool sets the
-    process's OpenMP thread count to its own when it starts, and torch's backbone uses that
-    count: a user's OMP_NUM_THREADS=1 or torch.set_num_threads (a Ray actor's one CPU) would
-    silently stop holding after the first compiled search, and the features change in the last
-    bits with the thread count. Call before any parallel compiled function; cheap after the first."""
-    global _threads_started
-    if not _threads_started:
-        threads = torch.get_num_threads()
-        _touch_threads(np.empty(2, dtype=np.int64))
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
-        _threads_started = True
-
-
-_threads_started = False
 
 
 def random_projection(features: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
@@ -115,8 +92,6 @@ def greedy_coreset(
 
 def _nearest_initial_centres(points: torch.Tensor, centres: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each point's squared distance to its nearest initial centre, and which centre that is."""
-    from .search import NearestNeighbourIndex
-
     distances, owners = NearestNeighbourIndex(centres).search(points.float(), 1)
     return distances[:, 0].square(), owners[:, 0]
 
@@ -217,43 +192,10 @@ def _greedy_cpu(points: np.ndarray, count: int, seed: int, on_progress, initial:
     return picks
 
 
-@intrinsic
-def _half_to_float(typingctx, bits):  # pragma: no cover - compiled
-    """A float16 bit pattern's value as float32 (numba has no float16 type; the CPU converts)."""
-    def codegen(context, builder, signature, args):
-        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
-
-    return numba.types.float32(numba.types.uint16), codegen
-
-
-def _as_float(value):  # pragma: no cover - compiled code calls the overload below
-    raise NotImplementedError("only for compiled code")
-
-
-@overload(_as_float, inline="always")
-def _as_float_overload(value):
-    """A coordinate as float32: float16 bit patterns converted, float32 as it is."""
-    if value == numba.types.uint16:
-        return lambda value: _half_to_float(value)
-    return lambda value: value
-
-
 @numba.njit(cache=True)
 def _centre_from(points, index, out):  # pragma: no cover - compiled
     for k in range(out.shape[0]):
-        out[k] = _as_float(points[index, k])
-
-
-@numba.njit(fastmath={"reassoc", "contract"}, cache=True)
-def _squared_distance(points, i, centre):  # pragma: no cover - compiled
-    # Every distance that decides a point's cell comes from this one function, so that they are
-    # comparable; reassociation lets the sum run in vector lanes.
-    row = points[i]
-    total = np.float32(0.0)
-    for k in range(centre.shape[0]):
-        diff = _as_float(row[k]) - centre[k]
-        total += diff * diff
-    return total
+        out[k] = as_float(points[index, k])
 
 
 @numba.njit(cache=True)
@@ -269,7 +211,7 @@ def _first_cell(points, centres, index, radius, fill, start, size, largest, fart
     centre = centres[0]
     for i in numba.prange(total):
         index[i] = i
-        radius[i] = _squared_distance(points, i, centre)
+        radius[i] = squared_distance(points, i, centre)
     best, where = np.float32(-1.0), 0
     for i in range(total):
         if radius[i] > best:
@@ -335,7 +277,7 @@ def _cells_to_read(slot, centres, index, radius, fill, start, size, largest, far
     for j in range(slot):
         if largest[j] < 0:
             continue
-        total = _squared_distance(centres, j, centre)
+        total = squared_distance(centres, j, centre)
         gaps[j] = total
         # d(a, c) >= 2 r for the cell's largest r: no point of the cell can be won.
         if total < 4.0 * largest[j] * READ_MARGIN:
@@ -390,7 +332,7 @@ def _read_chunks(points, slot, reads, centres, index, radius, fill, start, size,
             r, i = radius[p], index[p]
             # d(x, c) >= d(a, c) - r: unless d(a, c) < 2 r, the new centre is not nearer than a.
             if gap < 4.0 * r * READ_MARGIN:
-                distance = _squared_distance(points, i, centre)
+                distance = squared_distance(points, i, centre)
                 distances += 1
                 if distance < r:
                     radius[p], index[p] = distance, -1 - i

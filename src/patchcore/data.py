@@ -12,16 +12,13 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
 from .errors import BadInputError
-from .intake import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_SUFFIXES, read_image
+from .intake import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_SUFFIXES, read_image, read_image_bytes
 from .layout import InputLayout
-
-if TYPE_CHECKING:
-    import torch
 
 # ---------------------------------------------------------------------------------------------
 # Finding files
@@ -112,36 +109,44 @@ class LoadedImage:
     """An image decoded and prepared for the backbone, or the error that stopped it."""
 
     path: Path
-    tensor: torch.Tensor | np.ndarray | None = None  # an array for the exported-model runtime
+    array: np.ndarray | None = None  # the normalised float32 input (3, h, w), for any engine
     original_hw: tuple[int, int] = (0, 0)
     rgb: np.ndarray | None = None  # kept only when asked (for pictures)
     error: str | None = None
 
 
-def _load(path: Path, layout: InputLayout, keep_rgb: bool, as_array: bool, max_pixels: int | None) -> LoadedImage:
+def _load(path: Path, layout: InputLayout, keep_rgb: bool, max_pixels: int | None) -> LoadedImage:
     try:
         rgb = read_image(path, max_pixels)
     except BadInputError as error:
         return LoadedImage(path, error=str(error))
-    return prepare_image(path, rgb, layout, keep_rgb, as_array)
+    return prepare_image(path, rgb, layout, keep_rgb)
 
 
-def prepare_image(name: str | Path, rgb: np.ndarray, layout: InputLayout, keep_rgb: bool = False, as_array: bool = False) -> LoadedImage:
-    """A decoded image made ready for the backbone, or its error if its size cannot be used.
-    ``as_array``: the input as a numpy array rather than a tensor (the exported-model runtime)."""
+def load_bytes(name: str, data: bytes, layout: InputLayout, keep_rgb: bool = False, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> LoadedImage:
+    """An image file's bytes (sent over a network: Ray's actors) decoded by the intake and
+    prepared for the backbone, or the error that stopped it, as :func:`load_batches` gives a file."""
+    try:
+        rgb = read_image_bytes(data, name, max_pixels)
+    except BadInputError as error:
+        return LoadedImage(Path(name), error=str(error))
+    return prepare_image(name, rgb, layout, keep_rgb)
+
+
+def prepare_image(name: str | Path, rgb: np.ndarray, layout: InputLayout, keep_rgb: bool = False) -> LoadedImage:
+    """A decoded image made ready for the backbone, or its error if its size cannot be used."""
     if (problem := layout.check_size(rgb.shape[:2])) is not None:
         return LoadedImage(Path(name), error=f"'{name}': {problem}")
-    prepared = layout.image_to_array(rgb) if as_array else layout.image_to_tensor(rgb)
-    return LoadedImage(Path(name), prepared, rgb.shape[:2], rgb if keep_rgb else None)
+    return LoadedImage(Path(name), layout.image_to_array(rgb), rgb.shape[:2], rgb if keep_rgb else None)
 
 
 def load_batches(
-    paths: Sequence[Path], layout: InputLayout, batch_size: int, keep_rgb: bool = False, workers: int = 2, as_array: bool = False,
+    paths: Sequence[Path], layout: InputLayout, batch_size: int, keep_rgb: bool = False, workers: int = 2,
     max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> Iterator[list[LoadedImage]]:
     """Decode images on worker threads (PIL releases the GIL) while the caller computes on the last batch.
 
-    Every path comes back exactly once, in order, with either a tensor or an error (an image of
+    Every path comes back exactly once, in order, with either its input array or an error (an image of
     more than ``max_pixels`` pixels is refused from its header). At most two batches are decoded
     ahead, so memory stays bounded however many images there are.
     """
@@ -154,7 +159,7 @@ def load_batches(
         batch: list[LoadedImage] = []
         while True:
             while len(pending) < look_ahead and (path := next(remaining, None)) is not None:
-                pending.append(pool.submit(_load, path, layout, keep_rgb, as_array, max_pixels))
+                pending.append(pool.submit(_load, path, layout, keep_rgb, max_pixels))
             if not pending:
                 break
             batch.append(pending.popleft().result())
@@ -163,6 +168,22 @@ def load_batches(
                 batch = []
         if batch:
             yield batch
+
+
+def same_size_runs(loaded: Sequence[LoadedImage]) -> Iterator[list[LoadedImage]]:
+    """Split images, in order, into runs whose readable images share one input size (the aspect
+    and tile modes give several), each run with its unreadable images in place: a backbone batch each."""
+    run: list[LoadedImage] = []
+    shape = None  # input size of the run's readable images
+    for item in loaded:
+        if item.array is not None:
+            if shape is not None and item.array.shape != shape:
+                yield run
+                run = []
+            shape = item.array.shape
+        run.append(item)
+    if run:
+        yield run
 
 
 def file_sha256(path: str | Path) -> str:

@@ -16,12 +16,12 @@ from .data import BadInputError, list_test_samples
 from .intake import read_mask
 from .metrics import compute_metrics, pixel_auroc
 from .calibrate import Calibration
-from .model import PatchCore
+from .scoring import ScoringModel
 from .render import PictureWriter, test_picture
 
 
 def evaluate(
-    model: PatchCore,
+    model: ScoringModel,
     data: str | Path,
     out_dir: str | Path,
     pictures: bool = True,
@@ -144,7 +144,7 @@ def explain_decision(metrics: dict[str, Any]) -> list[str]:
         lines.append(
             f"the best threshold on this test set ({metrics['image_f1_max_threshold']:.4g}) would flag {rate:.0%} of the good training "
             "images (scored leave-one-out): the good test images score lower than the good training images, so no threshold set "
-            "from good images alone reaches the best F1 (see the README, 'When the calibrated F1 is low')"
+            "from good images alone reaches the best F1 (see docs/calibration.md, 'When the calibrated F1 is low')"
         )
     expected = metrics["expected_false_alarm_rate"]
     if expected is not None and metrics["num_good"] and metrics["good_flagged"] > 2 * expected * metrics["num_good"] + 1:

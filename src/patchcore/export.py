@@ -32,7 +32,8 @@ from torch import nn
 from . import __version__
 from .maps import BLUR_SIGMA, map_matrix
 from .model import PatchCore
-from .runtime import EXPORT_FORMAT_VERSION, METADATA_KEY, OPENVINO_COMPILE_CONFIG
+from .formats import EXPORT_FORMAT_VERSION, METADATA_KEY
+from .runtime import OPENVINO_COMPILE_CONFIG
 
 #: distances computed at once per image, per bank block: bounds the graph's working memory
 BLOCK_ELEMENTS_PER_IMAGE = 1 << 22
@@ -86,7 +87,7 @@ class ScoringGraph(nn.Module):
         self.block = max(256, BLOCK_ELEMENTS_PER_IMAGE // (grid[0] * grid[1]), math.ceil(self.bank_size / MAX_BLOCKS))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.features._patches(images) - self.centre  # (B, h, w, D), centred
+        features = self.features.of_whole_images(images) - self.centre  # (B, h, w, D), centred
         size, height, width, dims = features.shape
         queries = features.reshape(-1, dims)
         nearest = self._nearest(queries)

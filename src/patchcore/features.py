@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layout import Tile
+from .layout import InputLayout, Tile
 
 
 class PatchFeatures(nn.Module):
@@ -42,14 +42,20 @@ class PatchFeatures(nn.Module):
         """(h, w) of the feature grid of an input of ``input_hw`` (stride-2 layers round up)."""
         return math.ceil(input_hw[0] / self.cell), math.ceil(input_hw[1] / self.cell)
 
+    def of_inputs(self, inputs: torch.Tensor, layout: InputLayout, tile_batch: int = 8) -> torch.Tensor:
+        """Patch features (B, h, w, D) of a batch of same-size inputs laid out by ``layout``:
+        through tiles in the tile mode, ``tile_batch`` at a time; on this module's device."""
+        tiles = layout.tiles(tuple(inputs.shape[-2:]), self.cell)
+        return self(inputs.to(next(self.parameters()).device), tiles, tile_batch)
+
     @torch.inference_mode()
     def forward(self, images: torch.Tensor, tiles: Sequence[Tile] | None = None, tile_batch: int = 8) -> torch.Tensor:
         """Patch features of whole images, or stitched from ``tiles`` (then ``tile_batch`` tiles at a time)."""
         if tiles is None:
-            return self._patches(images)
+            return self.of_whole_images(images)
         size = images.shape[0]
         crops = torch.cat([images[:, :, t.top : t.top + t.height, t.left : t.left + t.width] for t in tiles])  # tile-major
-        outputs = torch.cat([self._patches(chunk) for chunk in crops.split(tile_batch)])
+        outputs = torch.cat([self.of_whole_images(chunk) for chunk in crops.split(tile_batch)])
         # The last tile owns the grid's far corner: its ends are the grid's size.
         stitched = outputs.new_empty((size, tiles[-1].own_rows[1], tiles[-1].own_cols[1], outputs.shape[-1]))
         for number, tile in enumerate(tiles):
@@ -59,7 +65,8 @@ class PatchFeatures(nn.Module):
             stitched[:, r0:r1, c0:c1] = features[:, r0 - top : r1 - top, c0 - left : c1 - left]
         return stitched
 
-    def _patches(self, images: torch.Tensor) -> torch.Tensor:
+    def of_whole_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch features (B, h, w, D) of whole images, in one piece (no tiles)."""
         taps = self.extractor(images.contiguous(memory_format=torch.channels_last))
         # Stride 1 and "same" padding keep every patch position: aggregation, not downsampling.
         pooled = [F.avg_pool2d(taps[layer], self.neighbourhood, stride=1, padding=self.neighbourhood // 2) for layer in self.layers]

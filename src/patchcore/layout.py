@@ -24,14 +24,10 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Sequence
 
-from typing import TYPE_CHECKING
-
+import cv2
 import numpy as np
 
 from .intake import resize_mask, resize_rgb
-
-if TYPE_CHECKING:  # torch is imported where tensors are made: the exported-model runtime has none
-    import torch
 
 INPUT_MODES = ("square", "aspect", "tile")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -141,12 +137,6 @@ class InputLayout:
         std = np.array(IMAGENET_STD, dtype=np.float32).reshape(3, 1, 1)
         return np.ascontiguousarray((array - mean) / std)
 
-    def image_to_tensor(self, rgb: np.ndarray) -> torch.Tensor:
-        """:meth:`image_to_array` as a tensor."""
-        import torch
-
-        return torch.from_numpy(self.image_to_array(rgb))
-
     def mask_to_input(self, mask: np.ndarray) -> np.ndarray:
         """A full-resolution mask brought to the input grid (nearest neighbour), as anomalib
         measures pixel metrics: for comparing with it, beside the metrics on the mask's own grid."""
@@ -168,22 +158,23 @@ class InputLayout:
     # -----------------------------------------------------------------------------------------
     # Map -> image
 
-    def map_to_image(self, input_map: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
-        """An anomaly map on the input grid brought back to the image's own (H, W), bilinearly.
+    def map_to_image(self, input_map: np.ndarray, image_hw: tuple[int, int]) -> np.ndarray:
+        """An anomaly map on the input grid brought back to the image's own (H, W), bilinearly
+        (half-pixel centres, as ``torch.nn.functional.interpolate`` with ``align_corners=False``).
 
-        Outside a center crop the model saw nothing; those pixels get the map's minimum.
+        The one path from the grid to the image, for every engine: PyTorch models and exported
+        ones give the same regions for the same map. Outside a center crop the model saw
+        nothing; those pixels get the map's minimum.
         """
-        import torch
-        import torch.nn.functional as F
-
-        full = input_map
+        full = np.asarray(input_map, dtype=np.float32)
         if self.center_crop:
-            full = torch.full((self.image_size, self.image_size), float(input_map.min()), dtype=input_map.dtype)
+            full = np.full((self.image_size, self.image_size), full.min(), dtype=np.float32)
             start, stop = self._crop_box()
             full[start:stop, start:stop] = input_map
-        if tuple(full.shape) == tuple(image_hw):
+        if full.shape == tuple(image_hw):
             return full
-        return F.interpolate(full[None, None], size=tuple(image_hw), mode="bilinear", align_corners=False)[0, 0]
+        # OpenCV's bilinear on float32 is these centres' formula (an exact halving averages 2 x 2, the same)
+        return cv2.resize(full, (image_hw[1], image_hw[0]), interpolation=cv2.INTER_LINEAR)
 
     def _crop_box(self) -> tuple[int, int]:
         start = (self.image_size - self.center_crop) // 2

@@ -1,5 +1,5 @@
 """PatchCore: fit on good images, score new ones (Roth et al., "Towards Total Recall in Industrial
-Anomaly Detection", CVPR 2022).
+Anomaly Detection", CVPR 2022). The estimator people call; its fit runs the steps of ``fitting.py``.
 
     fit:      patch features of every good image -> memory bank -> greedy coreset -> index
               + every good image scored without its own bank entries -> thresholds (calibrate.py)
@@ -9,75 +9,38 @@ Anomaly Detection", CVPR 2022).
 
 from __future__ import annotations
 
-import math
-import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from . import __version__
-from .backbones import build_feature_extractor, get_spec, load_pretrained_extractor
+from .backbones import build_feature_extractor, get_spec
 from .calibrate import DEFAULT_FALSE_ALARM_RATE, Calibration, calibrate
-from .coreset import greedy_coreset, random_projection
-from .data import LoadedImage, load_batches
-from .featurefile import FeatureFile
+from .data import LoadedImage, same_size_runs
+from .errors import ModelFileError
 from .features import PatchFeatures
-from .intake import DEFAULT_MAX_IMAGE_PIXELS, image_size_hw
+from .fitting import (
+    DEFAULT_CORESET_RATIO,
+    FitOptions,
+    FitPipeline,
+    FittedState,
+    ImageInput,
+    bank_entries,
+    own_runs,
+    rgb8,
+    stack_inputs,
+)
+from .formats import MODEL_FORMAT_VERSION
+from .intake import DEFAULT_MAX_IMAGE_PIXELS
 from .layout import InputLayout
-from .maps import anomaly_maps
-from .regions import ImagePrediction
-from .search import INDEX_KINDS, NearestNeighbourIndex, reweighted_image_scores
+from .prediction import Prediction, predictions
+from .search import INDEX_KINDS, NearestNeighbourIndex, score_patches
 from .storage import read_model, write_model
 
-#: share of the training patches kept in the memory bank unless a bank size is given (the paper's 10%)
-DEFAULT_CORESET_RATIO = 0.1
-#: dimensions of the random projection the coreset is selected on (as the paper and its code use)
-PROJECTION_DIM = 128
-#: training images scored leave-one-out to set the thresholds; beyond this many, a seeded sample:
-#: 1,000 good scores already pin a 1% false-alarm rate, and each costs one search like a prediction
-CALIBRATION_IMAGES = 1000
-
-ImageInput = Sequence[str | Path] | torch.Tensor
-"""Image paths, or a float tensor (N, 3, H, W) of RGB values in [0, 1]."""
-
-
-@dataclass
-class Prediction(ImagePrediction):
-    """One image's result from a PyTorch model; fields and records as :class:`ImagePrediction`."""
-
-    def map_at(self, size_hw: tuple[int, int]) -> np.ndarray:
-        """The anomaly map brought to any (H, W) over the whole image, e.g. a picture's size."""
-        return self.layout.map_to_image(torch.from_numpy(self.input_map), size_hw).numpy()
-
-
-@dataclass
-class TrainingPatches:
-    """Patch features of the readable training images, one block of rows per image: the full
-    features in a temporary file, their projection for the coreset in memory."""
-
-    file: FeatureFile  # (rows, D): float16 when wide, else float32
-    points: torch.Tensor  # (rows, 128) float16, the coreset's projection (the features themselves when narrow)
-    starts: np.ndarray  # (images + 1,) first row of each image, then the end
-    grids: list[tuple[int, int]]  # each image's feature grid (h, w)
-    input_sizes: list[tuple[int, int]]  # each image's input (H, W)
-    sources: list[str]  # each image's path
-
-    def rows(self, image: int) -> torch.Tensor:
-        """One image's features, as float32."""
-        return torch.from_numpy(self.file.read(int(self.starts[image]), int(self.starts[image + 1]))).float()
-
-    def gather(self, rows: torch.Tensor) -> torch.Tensor:
-        """The features at increasing row numbers (the chosen coreset), as float32."""
-        return torch.from_numpy(self.file.gather(rows.numpy())).float()
-
-    def close(self) -> None:
-        """Remove the temporary file."""
-        self.file.close()
+__all__ = ["PatchCore", "Prediction", "resolve_device"]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -173,46 +136,55 @@ class PatchCore:
         ``false_alarm_rate`` (calibrate.py). Unreadable images are reported and skipped.
         """
         clock = _PhaseClock()
-        sizes = self._begin_fit(images)
+        pipeline, sizes, weights_sha256 = FitPipeline.begin(self.backbone, self.layers, self.weights, self.layout, images, self.fit_options())
         clock.lap("load_backbone")
-
-        patches = self._extract_patches(images, "features", sizes)
+        patches = pipeline.extract(images, sizes)
         try:
             if len(patches.sources) < 2:
                 raise ValueError(f"need at least 2 readable good images to fit (each is scored against the others to set the threshold), got {len(patches.sources)}")
-            self.num_fit_images_ = len(patches.sources)
-            self.fit_disk_bytes_ = patches.file.nbytes
             clock.lap("features")
-            size = self._bank_entries(len(patches.points))
-            self.coreset_ratio_ = self.coreset_ratio if self.bank_size is None else size / len(patches.points)
-            picks = self._select_coreset(patches.points, size)
-            self.memory_bank_ = patches.gather(picks).to(self.device)
+            disk_bytes = patches.file.nbytes
+            size = bank_entries(len(patches.points), self.coreset_ratio, self.bank_size)
+            picks = pipeline.select_coreset(patches.points, size)
+            bank = patches.gather(picks).to(pipeline.device)
             clock.lap("coreset")
-            self.index_ = NearestNeighbourIndex(self.memory_bank_, self.index)
-            scores, peaks, map_mean, self.calibration_sources_ = self._leave_one_out(patches, own_runs(picks.numpy(), patches.starts))
+            index = NearestNeighbourIndex(bank, self.index)
+            inputs = pipeline.leave_one_out(index, self.num_neighbors, patches, own_runs(picks.numpy(), patches.starts))
         finally:
             patches.close()
-        self.calibration_ = calibrate(scores, peaks, map_mean, self.false_alarm_rate)
+        calibration = calibrate(*inputs.for_calibrate(), self.false_alarm_rate)
         clock.lap("calibration")
-        self.fit_seconds_ = clock.laps
+        return self.set_fitted(FittedState(
+            pipeline.patch_features, pipeline.layout, weights_sha256, bank,
+            coreset_ratio=self.coreset_ratio if self.bank_size is None else size / len(patches.points),
+            num_fit_images=len(patches.sources), calibration=calibration, calibration_sources=inputs.sources,
+            skipped=patches.skipped, fit_seconds=clock.laps, fit_disk_bytes=disk_bytes,
+        ), index)
+
+    def fit_options(self) -> FitOptions:
+        """How this model's fits run (seed, device, batch size, temporary files, pixel limit, progress)."""
+        return FitOptions(
+            seed=self.seed, device=str(self.device), batch_size=self.batch_size, temp_dir=None if self.temp_dir is None else str(self.temp_dir),
+            max_image_pixels=self.max_image_pixels, progress=self.progress,
+        )
+
+    def set_fitted(self, state: FittedState, index: NearestNeighbourIndex | None = None) -> "PatchCore":
+        """Take the state a fit learned (``fitting.FittedState``; a fit on Ray assembles one):
+        the fitted attributes, ending in ``_``. ``index``: the bank's index, if already built."""
+        self.patch_features_ = state.patch_features
+        self.layout_ = state.layout
+        self.weights_sha256_ = state.weights_sha256
+        self.memory_bank_ = state.memory_bank
+        self.index_ = index if index is not None else NearestNeighbourIndex(self.memory_bank_, self.index)
+        self.coreset_ratio_ = state.coreset_ratio
+        self.num_fit_images_ = state.num_fit_images
+        self.calibration_ = state.calibration
+        self.calibration_sources_ = state.calibration_sources
+        self.skipped_ = state.skipped
+        self.fit_seconds_ = state.fit_seconds
+        self.fit_disk_bytes_ = state.fit_disk_bytes
+        self.format_version_ = MODEL_FORMAT_VERSION  # the format save() writes
         return self
-
-    def _begin_fit(self, images: ImageInput) -> list[tuple[int, int]]:
-        """Load the backbone and fit the input layout to the images' sizes (read from their headers, returned)."""
-        torch.manual_seed(self.seed)
-        extractor, self.weights_sha256_ = load_pretrained_extractor(self.backbone, self.layers, self.weights)
-        self.patch_features_ = PatchFeatures(extractor, self.layers).to(self.device)
-        sizes = _image_sizes(images, self.max_image_pixels)
-        self.layout_ = self.layout.fitted(self.patch_features_.align, sizes)
-        self.skipped_: list[str] = []
-        return sizes
-
-    def _bank_entries(self, patches: int) -> int:
-        """How many of the training patches the memory bank keeps: the bank size (all patches
-        when there are fewer), else the coreset ratio of them."""
-        if self.bank_size is not None:
-            return min(self.bank_size, patches)
-        return max(1, round(self.coreset_ratio * patches))
 
     def update(self, images: ImageInput) -> "PatchCore":
         """Add good images to a fitted model without refitting from scratch.
@@ -226,19 +198,21 @@ class PatchCore:
         against the smaller bank, so a little high: the cut errs towards fewer false alarms).
         """
         self._check_fitted()
-        self.skipped_ = []
-        patches = self._extract_patches(images, "features")
+        pipeline = self.pipeline()
+        patches = pipeline.extract(images, label="features")
+        self.skipped_ = patches.skipped
         try:
             size = max(1, round(self.coreset_ratio_ * len(patches.points)))
-            picks = self._select_coreset(patches.points, size, bank=self.memory_bank_)
+            picks = pipeline.select_coreset(patches.points, size, bank=self.memory_bank_)
             before = len(self.memory_bank_)
             added = patches.gather(picks)
             self.memory_bank_ = torch.cat([self.memory_bank_, added.to(self.memory_bank_.device)])
             self.num_fit_images_ += len(patches.sources)
             self.index_ = NearestNeighbourIndex(self.memory_bank_, self.index)
-            scores, peaks, map_mean, sources = self._leave_one_out(patches, before + own_runs(picks.numpy(), patches.starts))
+            inputs = pipeline.leave_one_out(self.index_, self.num_neighbors, patches, before + own_runs(picks.numpy(), patches.starts))
         finally:
             patches.close()
+        scores, peaks, map_mean, sources = inputs.scores, inputs.peaks, inputs.map_mean, inputs.sources
         old = self.calibration_
         if old.good_scores:  # a format-1 model stores none: its old images cannot take part
             scores = np.concatenate([old.good_scores, scores])
@@ -250,204 +224,57 @@ class PatchCore:
             self.calibration_sources_ = sources
         return self
 
-    def _select_coreset(self, points: torch.Tensor, size: int, bank: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows to keep, in increasing order: ``size`` of the patches, by greedy k-center
-        selection on their projection (carried on from ``bank`` when given)."""
-        if size == len(points) and bank is None:
-            return torch.arange(len(points))
-        initial = None if bank is None else self._project(bank)
-        with self._bar(size, "coreset") as bar:
-            picks = greedy_coreset(points, size, seed=self.seed, on_progress=bar.update, initial_centres=initial)
-        return torch.sort(picks.cpu()).values
-
-    def _project(self, features: torch.Tensor) -> torch.Tensor:
-        """The coreset's view of patch features: a seeded random projection to 128 dimensions, in float16."""
-        return random_projection(features.float(), PROJECTION_DIM, self.seed).half()
-
-    def _extract_patches(
-        self, images: ImageInput, label: str, sizes: list[tuple[int, int]] | None = None, loaded: Iterable[list[LoadedImage]] | None = None
-    ) -> TrainingPatches:
-        """Patch features of every readable image, one block of rows per image, and their projection.
-        ``loaded``: the images already decoded, in batches (a fit on Ray decodes bytes sent to it).
-
-        The features go to a temporary file batch by batch (``featurefile.py``), in float16 when
-        wide (more than the projection's 128 dimensions, e.g. 1536 for Wide ResNet-50), so that
-        memory holds only the float16 projection the coreset reads: 256 bytes a patch, whatever
-        the backbone. Its memory is allocated once, sized from the images' headers; the disk
-        space the file will take is checked before the first row is written.
-        """
-        sizes = _image_sizes(images, self.max_image_pixels) if sizes is None else sizes
-        capacity = sum(math.prod(self.patch_features_.grid_hw(self.layout_.input_hw(size))) for size in sizes)
-        file = points = None
-        starts, grids, input_sizes, sources = [0], [], [], []
-        try:
-            with self._bar(len(images), label) as bar:
-                runs = self._input_batches(images) if loaded is None else (run for batch in loaded for run in _same_size_runs(batch))
-                for batch, run in runs:
-                    bar.update(len(run))
-                    self.skipped_ += [item.error for item in run if item.error]
-                    if batch is None:
-                        continue
-                    output = self._features(batch)
-                    flat = output.reshape(-1, output.shape[-1])
-                    if file is None:
-                        wide = flat.shape[1] > PROJECTION_DIM
-                        file = FeatureFile(flat.shape[1], np.float16 if wide else np.float32, capacity, self.temp_dir)
-                        points = torch.empty((max(capacity, len(flat)), min(flat.shape[1], PROJECTION_DIM)), dtype=torch.float16, device=self.device)
-                    filled = starts[-1]
-                    if filled + len(flat) > len(points):  # a header that under-stated its image: grow
-                        points = _grow(points, filled + len(flat))
-                    file.append(flat.to(torch.float16 if file.dtype == np.float16 else torch.float32).cpu().numpy())
-                    points[filled : filled + len(flat)] = self._project(flat)
-                    per_image = math.prod(output.shape[1:3])
-                    starts += [filled + per_image * (i + 1) for i in range(len(output))]
-                    grids += [tuple(output.shape[1:3])] * len(output)
-                    input_sizes += [tuple(batch.shape[-2:])] * len(output)
-                    sources += [str(item.path) for item in run if item.error is None]
-            if file is None or starts[-1] == 0:
-                raise ValueError("no readable training images")
-        except BaseException:
-            if file is not None:
-                file.close()
-            raise
-        return TrainingPatches(file, points[: starts[-1]], np.array(starts), grids, input_sizes, sources)
-
-    def _leave_one_out(self, patches: TrainingPatches, bank_starts: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, list[str]]:
-        """Each image's score and highest map value against the bank without its own entries, the
-        mean map value over all, and the images' paths: what new good images would get, for
-        ``calibrate``. Beyond :data:`CALIBRATION_IMAGES` images, a seeded sample of them."""
-        chosen = self._calibration_images(len(patches.sources))
-        with self._bar(len(chosen), "calibration") as bar:
-            results = []
-            for image in chosen:
-                results.append(self._left_out(patches, image, (int(bank_starts[image]), int(bank_starts[image + 1]))))
-                bar.update(1)
-        return (*_calibration_inputs(results), [patches.sources[i] for i in chosen])
-
-    def _calibration_images(self, count: int) -> np.ndarray:
-        """Which of ``count`` training images are scored leave-one-out: all, or beyond
-        :data:`CALIBRATION_IMAGES` a seeded sample, in increasing order."""
-        if count <= CALIBRATION_IMAGES:
-            return np.arange(count)
-        return np.sort(np.random.default_rng(self.seed).choice(count, CALIBRATION_IMAGES, replace=False))
-
-    def _left_out(self, patches: TrainingPatches, image: int, own: tuple[int, int]) -> tuple[float, float, float, int]:
-        """One training image scored against the bank without its own entries ``own``: its
-        score, its map's highest value, the sum of its map and the map's pixel count."""
-        features = patches.rows(image).to(self.device).reshape(1, *patches.grids[image], -1)
-        score, anomaly_map = self._score_features(features, patches.input_sizes[image], exclude=own)
-        return float(score[0]), float(anomaly_map.max()), float(anomaly_map.sum(dtype=torch.float64)), anomaly_map.numel()
+    def pipeline(self) -> FitPipeline:
+        """The fitting pipeline of this fitted model: its backbone and input layout."""
+        self._check_fitted()
+        return FitPipeline(self.patch_features_, self.layout_, self.fit_options())
 
     # -----------------------------------------------------------------------------------------
     # Scoring
 
-    def predict(self, images: ImageInput, keep_images: bool = False) -> list[Prediction]:
+    def predict(self, images: ImageInput, keep_images: bool = False, threshold: float | None = None) -> list[Prediction]:
         """Score images; unreadable ones come back with ``error`` set instead of a score."""
-        return list(self.iter_predictions(images, keep_images))
+        return list(self.iter_predictions(images, keep_images, threshold))
 
     def iter_predictions(self, images: ImageInput, keep_images: bool = False, threshold: float | None = None) -> Iterator[Prediction]:
         """Like :meth:`predict`, one result at a time, so that memory stays flat over any number of images.
 
         ``threshold`` overrides the calibrated image threshold (raw score units).
         """
-        self._check_fitted()
-        yield from self._predict_batches(images, "scoring", keep_images, threshold)
+        pipeline = self.pipeline()
+        with pipeline.bar(len(images), "scoring") as bar:
+            for loaded in pipeline.loaded_batches(images, keep_images):
+                for prediction in self.predict_loaded(loaded, threshold):
+                    bar.update(1)
+                    yield prediction
 
     def score(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Raw image scores (B,) and anomaly maps (B, h, w) on the input grid of a (B, 3, H, W) batch in [0, 1]."""
         self._check_fitted()
-        scores, maps = self._score_prepared(self._prepare_tensor(batch))
+        if batch.ndim != 4 or batch.shape[1] != 3:
+            raise ValueError(f"expected an image tensor of shape (N, 3, H, W), got {tuple(batch.shape)}")
+        inputs = torch.from_numpy(np.stack([self.layout_.image_to_array(rgb8(image)) for image in batch]))
+        scores, maps = self.score_inputs(inputs)
         return scores.numpy(), maps.numpy()
 
     def predict_loaded(self, loaded: Sequence[LoadedImage], threshold: float | None = None) -> Iterator[Prediction]:
-        """Score images already decoded and prepared (``data.load_image``), in order, one result each.
+        """Score images already decoded and prepared (``data.prepare_image``), in order, one result each.
 
         The server decodes uploads itself and scores them here, through the same path as
         :meth:`iter_predictions`; images of different input sizes are scored in separate batches.
         """
         self._check_fitted()
-        calibration: Calibration = self.calibration_
-        cut = threshold if threshold is not None else calibration.image_threshold
-        for batch, run in _same_size_runs(loaded):
-            scores, maps = self._score_prepared(batch) if batch is not None else (None, None)
-            position = 0
-            for item in run:
-                if item.error is not None:
-                    yield Prediction(str(item.path), error=item.error)
-                    continue
-                score, input_map = float(scores[position]), maps[position]
-                position += 1
-                yield Prediction(
-                    source=str(item.path),
-                    score=score,
-                    normalized_score=float(calibration.normalize_scores(score)),
-                    is_anomalous=score >= cut,
-                    threshold=cut,
-                    input_map=input_map.numpy(),
-                    image_size=item.original_hw,
-                    image=item.rgb,
-                    layout=self.layout_,
-                    calibration=calibration,
-                )
+        for run in same_size_runs(loaded):
+            inputs = stack_inputs(run)
+            scores, maps = self.score_inputs(inputs) if inputs is not None else (None, None)
+            yield from predictions(run, scores, None if maps is None else maps.numpy(), self.layout_, self.calibration_, threshold)
 
-    def _predict_batches(self, images: ImageInput, label: str, keep_images: bool = False, threshold: float | None = None) -> Iterator[Prediction]:
-        with self._bar(len(images), label) as bar:
-            for loaded in self._loaded_batches(images, keep_images):
-                for prediction in self.predict_loaded(loaded, threshold):
-                    bar.update(1)
-                    yield prediction
-
-    def _features(self, batch: torch.Tensor) -> torch.Tensor:
-        """Patch features (B, h, w, D) of a batch of same-size inputs, through tiles in the tile mode."""
-        tiles = self.layout_.tiles(tuple(batch.shape[-2:]), self.patch_features_.cell)
-        return self.patch_features_(batch.to(self.device), tiles, self.batch_size)
-
-    def _score_prepared(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._score_features(self._features(batch), tuple(batch.shape[-2:]))
-
-    @torch.inference_mode()
-    def _score_features(self, features: torch.Tensor, input_hw: tuple[int, int], exclude: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image scores (B,) and anomaly maps (B, H, W) from patch features (B, h, w, D) of inputs of ``input_hw``.
-
-        ``exclude`` leaves a run of bank entries out of every search (leave-one-image-out).
-        """
-        size, grid = features.shape[0], features.shape[1:3]
-        flat = features.reshape(size, -1, features.shape[-1])
-        distances, nearest = self.index_.search(flat.reshape(-1, flat.shape[-1]), k=1, exclude=exclude)
-        patch_scores = distances[:, 0].reshape(size, -1)
-        image_scores = reweighted_image_scores(self.index_, flat, patch_scores, nearest[:, 0].reshape(size, -1), self.num_neighbors, exclude)
-        maps = anomaly_maps(patch_scores.reshape(size, *grid), input_hw)
-        return image_scores.cpu().float(), maps.cpu()
-
-    # -----------------------------------------------------------------------------------------
-    # Inputs
-
-    def _input_batches(self, images: ImageInput, keep_images: bool = False) -> Iterator[tuple[torch.Tensor | None, list[LoadedImage]]]:
-        """(batch of readable images of one input size or None, every image of the batch with its error if any).
-
-        Images of different input sizes (aspect and tile modes) go in separate batches, in order.
-        """
-        for loaded in self._loaded_batches(images, keep_images):
-            yield from _same_size_runs(loaded)
-
-    def _loaded_batches(self, images: ImageInput, keep_images: bool = False) -> Iterator[list[LoadedImage]]:
-        """Images decoded and prepared for the backbone, ``batch_size`` at a time, errors kept in place."""
-        if isinstance(images, torch.Tensor):
-            for start in range(0, len(images), self.batch_size):
-                chunk = images[start : start + self.batch_size]
-                prepared = self._prepare_tensor(chunk)
-                hw = tuple(chunk.shape[-2:])
-                yield [
-                    LoadedImage(Path(f"tensor[{start + i}]"), prepared[i], original_hw=hw, rgb=_to_rgb8(chunk[i]) if keep_images else None)
-                    for i in range(len(chunk))
-                ]
-            return
-        yield from load_batches([Path(p) for p in images], self.layout_, self.batch_size, keep_rgb=keep_images, max_pixels=self.max_image_pixels)
-
-    def _prepare_tensor(self, batch: torch.Tensor) -> torch.Tensor:
-        if batch.ndim != 4 or batch.shape[1] != 3:
-            raise ValueError(f"expected an image tensor of shape (N, 3, H, W), got {tuple(batch.shape)}")
-        return torch.stack([self.layout_.image_to_tensor(_to_rgb8(image)) for image in batch])
+    def score_inputs(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image scores (B,) and input-grid maps (B, H, W) of a batch of prepared inputs of one size
+        (normalised, as ``InputLayout.image_to_array`` makes them)."""
+        self._check_fitted()
+        features = self.patch_features_.of_inputs(inputs, self.layout_, self.batch_size)
+        return score_patches(self.index_, features, tuple(inputs.shape[-2:]), self.num_neighbors)
 
     # -----------------------------------------------------------------------------------------
     # Saving and loading
@@ -477,6 +304,23 @@ class PatchCore:
             "calibration": self.calibration_.to_dict(),
         }
 
+    def metadata(self) -> dict[str, Any]:
+        """What a server tells clients about the model (the same keys as ``ExportedModel.metadata``)."""
+        self._check_fitted()
+        return {
+            "engine": "pytorch",
+            "device": str(self.device),
+            "index": self.index,
+            "backbone": self.backbone,
+            "layers": list(self.layers),
+            "input": {**self.layout_.to_dict(), "description": self.layout_.describe()},
+            "memory_bank_shape": list(self.memory_bank_.shape),
+            "num_fit_images": self.num_fit_images_,
+            "num_neighbors": self.num_neighbors,
+            "format_version": self.format_version_,
+            "newest_format_version": MODEL_FORMAT_VERSION,
+        }
+
     @classmethod
     def load(
         cls, path: str | Path, device: str = "auto", batch_size: int = 8, index: str | None = None, progress: bool = True,
@@ -488,8 +332,6 @@ class PatchCore:
         model format 1 (patchcore 0.1) load with their thresholds as they were set.
         ``max_image_pixels`` is the pixel limit of the images it will score (not stored in the file).
         """
-        from .storage import ModelFileError
-
         tensors, settings = read_model(path)
         try:
             # Format 1 had the square mode only, as two settings.
@@ -525,6 +367,7 @@ class PatchCore:
         model.index_ = NearestNeighbourIndex(model.memory_bank_, model.index)
         model.skipped_ = []
         model.calibration_sources_ = []
+        model.format_version_ = settings["format_version"]
         return model
 
     # -----------------------------------------------------------------------------------------
@@ -532,9 +375,6 @@ class PatchCore:
     def _check_fitted(self) -> None:
         if not hasattr(self, "index_"):
             raise RuntimeError("this PatchCore is not fitted yet: call fit() or PatchCore.load()")
-
-    def _bar(self, total: int, label: str) -> tqdm:
-        return tqdm(total=total, desc=f"{label:>11}", unit="img" if label != "coreset" else "pick", disable=not self.progress, file=sys.stderr, leave=False, dynamic_ncols=True)
 
 
 class _PhaseClock:
@@ -548,62 +388,3 @@ class _PhaseClock:
         now = time.perf_counter()
         self.laps[phase] = now - self._last
         self._last = now
-
-
-def _calibration_inputs(left_out: Sequence[tuple[float, float, float, int]]) -> tuple[np.ndarray, np.ndarray, float]:
-    """The images' scores, their maps' highest values and the mean map value over all of them,
-    from each image's :meth:`PatchCore._left_out`, summed in order."""
-    map_sum, map_pixels = 0.0, 0
-    for _, _, image_sum, pixels in left_out:
-        map_sum += image_sum
-        map_pixels += pixels
-    return np.array([r[0] for r in left_out]), np.array([r[1] for r in left_out]), map_sum / map_pixels
-
-
-def own_runs(picks: np.ndarray, starts: np.ndarray) -> np.ndarray:
-    """Where each image's entries begin in a bank of picked rows, then the end.
-
-    ``picks`` are the picked feature rows in increasing order and ``starts`` the first row of
-    each image, then the end; since rows go image by image, image i's entries are the run
-    ``bank[runs[i]:runs[i + 1]]``.
-    """
-    return np.searchsorted(picks, starts)
-
-
-def _image_sizes(images: ImageInput, max_pixels: int | None) -> list[tuple[int, int]]:
-    """(H, W) of every readable image, from headers only (unreadable files are reported later)."""
-    if isinstance(images, torch.Tensor):
-        return [tuple(images.shape[-2:])] * len(images)
-    return [size for size in (image_size_hw(image, max_pixels) for image in images) if size is not None]
-
-
-def _same_size_runs(loaded: Sequence[LoadedImage]) -> Iterator[tuple[torch.Tensor | None, list[LoadedImage]]]:
-    """Split images, in order, into runs whose readable images share one input size: (their
-    stacked tensors or None, the run with its unreadable images in place)."""
-    run: list[LoadedImage] = []
-    shape = None  # input size of the run's readable images
-    for item in loaded:
-        if item.tensor is not None:
-            if shape is not None and item.tensor.shape != shape:
-                yield _stack_readable(run), run
-                run = []
-            shape = item.tensor.shape
-        run.append(item)
-    if run:
-        yield _stack_readable(run), run
-
-
-def _stack_readable(run: list[LoadedImage]) -> torch.Tensor | None:
-    readable = [item.tensor for item in run if item.tensor is not None]
-    return torch.stack(readable) if readable else None
-
-
-def _grow(rows: torch.Tensor, needed: int) -> torch.Tensor:
-    grown = rows.new_empty((max(needed, 2 * len(rows)), *rows.shape[1:]))
-    grown[: len(rows)] = rows
-    return grown
-
-
-def _to_rgb8(image: torch.Tensor) -> np.ndarray:
-    """A (3, H, W) float image in [0, 1] as RGB uint8 (H, W, 3)."""
-    return (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()

@@ -7,18 +7,13 @@ the same regions for the same image. Needs no PyTorch.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
 
 from .calibrate import Calibration
-
-if TYPE_CHECKING:
-    from .layout import InputLayout
 
 #: outlines are simplified to within this many pixels of the exact boundary (Douglas-Peucker),
 #: which keeps a smooth blob's polygon to tens of points instead of hundreds
@@ -99,43 +94,3 @@ def prediction_record(
         "image_size": [int(anomaly_map.shape[1]), int(anomaly_map.shape[0])],
         "regions": [region.to_dict() for region in find_regions(anomaly_map, calibration)],
     }
-
-
-@dataclass
-class ImagePrediction:
-    """One image's result. ``error`` is set (and the rest empty) when the image could not be read.
-
-    The library's ``model.Prediction`` and the runtime's ``ExportedPrediction`` differ only in how
-    they bring the map from the input grid to the image (:meth:`map_at`)."""
-
-    source: str
-    score: float = math.nan
-    normalized_score: float = math.nan  # 0 = a typical good image, 1 = the threshold
-    is_anomalous: bool = False
-    threshold: float = math.nan  # the image threshold the decision used (raw score units)
-    input_map: np.ndarray | None = None  # (h, w) anomaly map on the backbone's input grid
-    image_size: tuple[int, int] | None = None  # (H, W) of the image
-    image: np.ndarray | None = None  # RGB uint8, only when asked for (pictures)
-    error: str | None = None
-    layout: InputLayout | None = field(default=None, repr=False, compare=False)
-    calibration: Calibration | None = field(default=None, repr=False, compare=False)
-
-    @cached_property
-    def anomaly_map(self) -> np.ndarray | None:
-        """(H, W) float32 anomaly map at the image's own resolution, made on first use."""
-        return None if self.error is not None else self.map_at(self.image_size)
-
-    def map_at(self, size_hw: tuple[int, int]) -> np.ndarray:
-        """The anomaly map brought to any (H, W) over the whole image, e.g. a picture's size."""
-        raise NotImplementedError
-
-    @property
-    def regions(self) -> list[Region]:
-        """The defect regions: where the map is at or above the pixel threshold, highest peak first."""
-        return [] if self.error is not None else find_regions(self.anomaly_map, self.calibration)
-
-    def to_record(self) -> dict[str, Any]:
-        """The JSON record ``predict`` writes and the server answers (with ``error`` for an unreadable image)."""
-        if self.error is not None:
-            return {"path": self.source, "error": self.error}
-        return prediction_record(self.source, self.score, self.is_anomalous, self.threshold, self.anomaly_map, self.calibration)

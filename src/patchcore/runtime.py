@@ -13,114 +13,102 @@ does the rest. Example::
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import cv2
 import numpy as np
 
-from . import __version__
 from .calibrate import Calibration
-from .data import LoadedImage, load_batches
+from .data import LoadedImage, load_batches, same_size_runs
+from .errors import ModelFileError
+from .formats import EXPORT_FORMAT_VERSION, METADATA_KEY, check_format_version
 from .intake import DEFAULT_MAX_IMAGE_PIXELS
 from .layout import InputLayout
-from .regions import ImagePrediction
+from .prediction import Prediction, predictions
 
-#: version of the exported files' metadata this package writes and reads (and older)
-EXPORT_FORMAT_VERSION = 1
-#: the metadata key holding the settings (JSON)
-METADATA_KEY = "patchcore"
 #: how an exported OpenVINO model is compiled to compute in float32, as the library does
 OPENVINO_COMPILE_CONFIG = {"INFERENCE_PRECISION_HINT": "f32"}
-EXPORTED_SUFFIXES = (".onnx", ".xml")
 #: ONNX models up to this size (graph and external data) get ONNX Runtime's constant folding
 FOLD_CONSTANTS_UP_TO_BYTES = 256 * 2**20
 
 
-class ExportedModelError(ValueError):
+class ExportedModelError(ModelFileError):
     """An exported model that cannot be used; the message names the file and says why."""
 
 
-@dataclass
-class ExportedPrediction(ImagePrediction):
-    """One image's result from an exported model; fields and records as the library's ``Prediction``."""
-
-    def map_at(self, size_hw: tuple[int, int]) -> np.ndarray:
-        """The map over the whole image at any (H, W), bilinearly (half-pixel centres, as the library)."""
-        full = self.input_map
-        if self.layout.center_crop:
-            full = np.full((self.layout.image_size,) * 2, self.input_map.min(), dtype=np.float32)
-            start = (self.layout.image_size - self.layout.center_crop) // 2
-            full[start : start + self.layout.center_crop, start : start + self.layout.center_crop] = self.input_map
-        if full.shape == tuple(size_hw):
-            return full
-        return cv2.resize(full, (size_hw[1], size_hw[0]), interpolation=cv2.INTER_LINEAR)
-
-
 class ExportedModel:
-    """An exported model, ready to score: ``.onnx`` through ONNX Runtime, ``.xml`` through OpenVINO."""
+    """An exported model, ready to score: ``.onnx`` through ONNX Runtime, ``.xml`` through OpenVINO.
+
+    It scores as ``PatchCore`` does (both are a ``scoring.ScoringModel``): the same records,
+    regions and errors for the same images."""
 
     def __init__(self, path: str | Path, batch_size: int = 8, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> None:
         self.path = Path(path)
         self.batch_size = batch_size
         self.max_image_pixels = max_image_pixels  # images with more are refused from their headers
         if not self.path.is_file():
-            raise ExportedModelError(f"'{self.path}': no such exported model")
+            raise ExportedModelError(f"'{self.path}': no such model file")
         if self.path.suffix == ".onnx":
-            self.settings, self._run = _open_onnx(self.path)
+            self._settings, self._run = _open_onnx(self.path)
             self.engine = "onnxruntime"
         elif self.path.suffix == ".xml":
-            self.settings, self._run = _open_openvino(self.path)
+            self._settings, self._run = _open_openvino(self.path)
             self.engine = "openvino"
         else:
             raise ExportedModelError(f"'{self.path}': not an exported model (expected a .onnx file, or an OpenVINO .xml)")
-        version = self.settings.get("export_format_version")
-        if not isinstance(version, int):
-            raise ExportedModelError(f"'{self.path}': damaged export (its settings have no export format version)")
-        if version > EXPORT_FORMAT_VERSION:
-            raise ExportedModelError(
-                f"'{self.path}': exported by {self.settings.get('exported_by', 'a newer patchcore')} in export format {version}; "
-                f"this patchcore ({__version__}) reads export format {EXPORT_FORMAT_VERSION} and older: upgrade patchcore"
-            )
         try:
-            self.layout_ = InputLayout.from_dict(self.settings["input"])
-            self.calibration_ = Calibration.from_dict(self.settings["calibration"])
+            self.format_version = check_format_version(
+                self.path, self._settings, "export_format_version", EXPORT_FORMAT_VERSION, "export", self._settings.get("exported_by", "a newer patchcore")
+            )
+        except ModelFileError as error:
+            raise ExportedModelError(str(error)) from None
+        try:
+            self.layout_ = InputLayout.from_dict(self._settings["input"])
+            self.calibration_ = Calibration.from_dict(self._settings["calibration"])
         except (KeyError, TypeError, ValueError) as error:
             raise ExportedModelError(f"'{self.path}': damaged export (settings inconsistent: {error})") from None
+
+    def settings(self) -> dict[str, Any]:
+        """The settings the model was exported with (the PyTorch model's, and the export's own)."""
+        return dict(self._settings)
+
+    def metadata(self) -> dict[str, Any]:
+        """What a server tells clients about the model (the same keys as ``PatchCore.metadata``)."""
+        return {
+            "engine": self.engine,
+            "device": "cpu",
+            "index": "exact, in the exported graph",
+            "backbone": self._settings["backbone"],
+            "layers": list(self._settings["layers"]),
+            "input": {**self.layout_.to_dict(), "description": self.layout_.describe()},
+            "memory_bank_shape": list(self._settings["memory_bank_shape"]),
+            "num_fit_images": self._settings["num_fit_images"],
+            "num_neighbors": self._settings["num_neighbors"],
+            "format_version": self.format_version,
+            "newest_format_version": EXPORT_FORMAT_VERSION,
+        }
 
     def score(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Image scores (B,) and maps (B, h, w) of normalised float32 images (B, 3, h, w)."""
         scores, maps = self._run(np.ascontiguousarray(images, dtype=np.float32))
         return np.asarray(scores), np.asarray(maps)
 
-    def predict(self, images: Sequence[str | Path], keep_images: bool = False, threshold: float | None = None) -> list[ExportedPrediction]:
+    def predict(self, images: Sequence[str | Path], keep_images: bool = False, threshold: float | None = None) -> list[Prediction]:
+        """Score image files; unreadable ones come back with ``error`` set instead of a score."""
         return list(self.iter_predictions(images, keep_images, threshold))
 
-    def iter_predictions(self, images: Sequence[str | Path], keep_images: bool = False, threshold: float | None = None) -> Iterator[ExportedPrediction]:
+    def iter_predictions(self, images: Sequence[str | Path], keep_images: bool = False, threshold: float | None = None) -> Iterator[Prediction]:
         """Score image files in order, one result each; unreadable ones come back with ``error``."""
-        for loaded in load_batches(
-            [Path(p) for p in images], self.layout_, self.batch_size, keep_rgb=keep_images, as_array=True, max_pixels=self.max_image_pixels
-        ):
+        for loaded in load_batches([Path(p) for p in images], self.layout_, self.batch_size, keep_rgb=keep_images, max_pixels=self.max_image_pixels):
             yield from self.predict_loaded(loaded, threshold)
 
-    def predict_loaded(self, loaded: Sequence[LoadedImage], threshold: float | None = None) -> Iterator[ExportedPrediction]:
-        """Score images already decoded and prepared as arrays (``data.prepare_image(..., as_array=True)``), in order."""
-        cut = threshold if threshold is not None else self.calibration_.image_threshold
-        readable = [item for item in loaded if item.error is None]
-        scores, maps = self.score(np.stack([item.tensor for item in readable])) if readable else (None, None)
-        position = 0
-        for item in loaded:
-            if item.error is not None:
-                yield ExportedPrediction(str(item.path), error=item.error)
-                continue
-            score = float(scores[position])
-            yield ExportedPrediction(
-                source=str(item.path), score=score, normalized_score=float(self.calibration_.normalize_scores(score)),
-                is_anomalous=score >= cut, threshold=cut, input_map=maps[position], image_size=item.original_hw,
-                image=item.rgb, layout=self.layout_, calibration=self.calibration_,
-            )
-            position += 1
+    def predict_loaded(self, loaded: Sequence[LoadedImage], threshold: float | None = None) -> Iterator[Prediction]:
+        """Score images already decoded and prepared (``data.prepare_image``), in order, one result each.
+        Images of different input sizes (aspect and tile modes) go through the graph separately."""
+        for run in same_size_runs(loaded):
+            readable = [item.array for item in run if item.error is None]
+            scores, maps = self.score(np.stack(readable)) if readable else (None, None)
+            yield from predictions(run, scores, maps, self.layout_, self.calibration_, threshold)
 
 
 def _open_onnx(path: Path):

@@ -9,7 +9,8 @@ import numba
 import numpy as np
 import torch
 
-from .coreset import _squared_distance, start_compiled_threads
+from .kernels import squared_distance, start_compiled_threads
+from .maps import anomaly_maps
 
 
 INDEX_KINDS = ("exact", "ivf")
@@ -84,12 +85,12 @@ def _nearest_within_bounds(bounds, allowance, bank, queries, skip_start, skip_st
         for j in range(row.shape[0]):
             if (j < skip_start or j >= skip_stop) and (where < 0 or row[j] < row[where]):
                 where = j
-        best = _squared_distance(bank, where, query)
+        best = squared_distance(bank, where, query)
         count = 1
         for j in range(row.shape[0]):
             # d(q, j)^2 >= bound - allowance > best: j cannot be nearer (kept exact: no ties lost).
             if j != where and (j < skip_start or j >= skip_stop) and row[j] - allowance[q] <= best:
-                distance = _squared_distance(bank, j, query)
+                distance = squared_distance(bank, j, query)
                 count += 1
                 if distance < best or (distance == best and j < where):
                     best, where = distance, j
@@ -192,7 +193,7 @@ def _measure_run(points, original, radii, query, start, stop, step, low, high, s
         row = original[j]
         if row >= skip_start and row < skip_stop:
             continue
-        distance = _squared_distance(points, j, query)
+        distance = squared_distance(points, j, query)
         count += 1
         if distance < best or (distance == best and row < where):
             best, where = distance, row
@@ -237,7 +238,7 @@ def _nearest_candidates(bank, queries, candidates, nearest):  # pragma: no cover
     for q in range(queries.shape[0]):
         best, where = np.inf, -1
         for row in candidates[q]:
-            distance = _squared_distance(bank, row, queries[q])
+            distance = squared_distance(bank, row, queries[q])
             if distance < best or (distance == best and row < where):
                 best, where = distance, row
         nearest[q] = where
@@ -470,3 +471,22 @@ def reweighted_image_scores(
     # exp(s*) / sum exp(d) computed as exp(s* - logsumexp(d)) so that large distances don't overflow.
     weights = 1.0 - torch.exp(top_scores.to(distances) - torch.logsumexp(distances, dim=1))
     return (weights * top_scores.to(distances)).cpu()
+
+
+@torch.inference_mode()
+def score_patches(
+    index: NearestNeighbourIndex, features: torch.Tensor, input_hw: tuple[int, int], num_neighbors: int, exclude: tuple[int, int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image scores (B,) and anomaly maps (B, H, W) from patch features (B, h, w, D) of inputs of ``input_hw``.
+
+    Each patch's score is its distance to the nearest bank entry; the image's is the largest,
+    re-weighted by eq. 7; the map is the patch scores upsampled and blurred (``maps.py``).
+    ``exclude`` leaves a run of bank entries out of every search (leave-one-image-out).
+    """
+    size, grid = features.shape[0], features.shape[1:3]
+    flat = features.reshape(size, -1, features.shape[-1])
+    distances, nearest = index.search(flat.reshape(-1, flat.shape[-1]), k=1, exclude=exclude)
+    patch_scores = distances[:, 0].reshape(size, -1)
+    image_scores = reweighted_image_scores(index, flat, patch_scores, nearest[:, 0].reshape(size, -1), num_neighbors, exclude)
+    maps = anomaly_maps(patch_scores.reshape(size, *grid), input_hw)
+    return image_scores.cpu().float(), maps.cpu()

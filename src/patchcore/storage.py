@@ -18,11 +18,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-FORMAT_VERSION = 2  # 2: input modes, leave-one-out calibration with its good scores (1 still loads)
-METADATA_KEY = "patchcore"
-
-
-from .errors import ModelFileError  # noqa: E402  (defined apart, re-exported here)
+from .errors import ModelFileError
+from .formats import METADATA_KEY, MODEL_FORMAT_VERSION, check_format_version
 
 
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
@@ -43,7 +40,7 @@ def write_model(path: str | Path, tensors: dict[str, torch.Tensor], settings: di
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
     # Written last, so that no setting can pass for the format version or checksum.
-    header = {**settings, "format_version": FORMAT_VERSION, "tensors_sha256": tensors_sha256(tensors)}
+    header = {**settings, "format_version": MODEL_FORMAT_VERSION, "tensors_sha256": tensors_sha256(tensors)}
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     os.close(handle)
     try:
@@ -87,14 +84,7 @@ def read_model(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
         raise ModelFileError(f"'{path}': not a model file, or damaged or truncated ({cause})") from None
     if not isinstance(settings, dict):
         raise ModelFileError(f"'{path}': damaged model file (settings are not a JSON object)")
-    version = settings.get("format_version")
-    if not isinstance(version, int):
-        raise ModelFileError(f"'{path}': damaged model file (no format version)")
-    if version > FORMAT_VERSION:
-        raise ModelFileError(
-            f"'{path}': written by patchcore {settings.get('package_version', '?')} in model format {version}; "
-            f"this patchcore reads format {FORMAT_VERSION} and older: upgrade patchcore"
-        )
+    check_format_version(path, settings, "format_version", MODEL_FORMAT_VERSION, "model", f"patchcore {settings.get('package_version', '?')}")
     if tensors_sha256(tensors) != settings.get("tensors_sha256"):
         raise ModelFileError(f"'{path}': damaged model file (its tensors do not match the stored checksum)")
     return tensors, settings

@@ -15,7 +15,9 @@ from patchcore import PatchCore
 from patchcore.cli import main
 from patchcore.data import list_test_samples, prepare_image
 from patchcore.intake import read_image
-from patchcore.export import EXPORT_FORMAT_VERSION, OPENVINO_COMPILE_CONFIG, export_model
+from patchcore.export import export_model
+from patchcore.formats import EXPORT_FORMAT_VERSION
+from patchcore.runtime import OPENVINO_COMPILE_CONFIG
 
 #: every 4th bottle test image: 21 images, 5 good and 16 defective
 SUBSET = slice(0, None, 4)
@@ -29,7 +31,7 @@ def library(bottle_model_file) -> PatchCore:
 @pytest.fixture(scope="module")
 def subset(data_root, library):
     samples = list_test_samples(data_root / "mvtec_ad" / "bottle")[SUBSET]
-    images = torch.stack([prepare_image(s.path, read_image(s.path), library.layout_).tensor for s in samples]).numpy()
+    images = np.stack([prepare_image(s.path, read_image(s.path), library.layout_).array for s in samples])
     predictions = library.predict([s.path for s in samples])
     return samples, images, predictions
 

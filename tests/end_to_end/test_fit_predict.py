@@ -227,7 +227,7 @@ def test_predict_at_another_false_alarm_rate_moves_the_cut_without_refitting(mod
 
 
 def test_beyond_the_calibration_cap_a_seeded_sample_sets_the_threshold(welds, monkeypatch):
-    monkeypatch.setattr("patchcore.model.CALIBRATION_IMAGES", 10)
+    monkeypatch.setattr("patchcore.fitting.CALIBRATION_IMAGES", 10)
     images = training_images(welds)[:15]
     model = PatchCore("mobilenet_v2", progress=False, coreset_ratio=0.05).fit(images)
     assert model.num_fit_images_ == 15  # the bank still holds all 15
@@ -248,8 +248,8 @@ def test_leave_one_out_scores_equal_brute_force_without_the_images_own_bank_entr
     bank = model.memory_bank_.double()
     for image in (0, 17, 36):
         source = model.calibration_sources_[image]
-        batch = model.layout_.image_to_tensor(read_image(source))[None]
-        features = model._features(batch)[0]
+        batch = torch.from_numpy(model.layout_.image_to_array(read_image(source)))[None]
+        features = model.patch_features_.of_inputs(batch, model.layout_)[0]
         grid = features.shape[:2]
         patches = features.reshape(-1, features.shape[-1]).double()
         distances = torch.cdist(patches, bank)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from patchcore import PatchCore
-from patchcore.distributed_fit import BATCHES_PER_CHUNK
+from patchcore.distributed.fit import BATCHES_PER_CHUNK
 
 RUN_TIMEOUT_S = 300
 FIT_LINE = re.compile(r"^features extracted on Ray by (\d+) actors on (\d+) nodes \(images per node: (.*)\)$", re.M)

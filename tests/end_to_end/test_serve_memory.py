@@ -21,7 +21,8 @@ import gc, io, json, sys
 import numpy as np
 from PIL import Image
 from patchcore.intake import read_header
-from patchcore.serve.app import _decode, _record, load_served_model
+from patchcore.serve.holder import load_served_model
+from patchcore.serve.uploads import decode_upload, record as make_record
 from patchcore.serve.budget import image_cost
 
 def status(field):
@@ -47,10 +48,10 @@ gc.collect()
 header = read_header(data, "measured", None)
 before = status("VmRSS:")
 open("/proc/self/clear_refs", "w").write("5")
-loaded, status_code = _decode("measured", data, served, picture, None)
+loaded, status_code = decode_upload("measured", data, served, picture, None)
 [prediction] = served.model.predict_loaded([loaded])
 del loaded
-record = _record(prediction, picture, "jpeg")
+record = make_record(prediction, picture, "jpeg")
 peak = status("VmHWM:") - before
 print(json.dumps({
     "peak": peak, "cost": image_cost(header, served.model.layout_, served.metadata["backbone"], picture),

@@ -172,12 +172,13 @@ def test_thousands_of_picks_on_clustered_data_are_exact_and_pruned():
 @pytest.fixture(scope="module")
 def bottle_projection(data_root) -> torch.Tensor:
     """The float16 projection a fit hands the selection: MobileNetV2 patches of 12 bottle images."""
-    from patchcore.model import PatchCore
+    from patchcore.backbones import get_spec
+    from patchcore.fitting import FitOptions, FitPipeline
+    from patchcore.layout import InputLayout
 
     images = sorted((data_root / "mvtec_ad" / "bottle" / "train" / "good").glob("*.png"))[:12]
-    model = PatchCore("mobilenet_v2", progress=False)
-    model._begin_fit(images)
-    patches = model._extract_patches(images, "training")
+    pipeline, sizes, _ = FitPipeline.begin("mobilenet_v2", get_spec("mobilenet_v2").default_layers, None, InputLayout(), images, FitOptions())
+    patches = pipeline.extract(images, sizes)
     patches.close()
     return patches.points
 

@@ -209,17 +209,17 @@ def test_load_batches_order_errors_and_sizes(tmp_path: Path) -> None:
     assert [len(b) for b in batches] == [3, 3, 1]
     items = [item for batch in batches for item in batch]
     assert [item.path for item in items] == paths
-    assert items[3].tensor is None
+    assert items[3].array is None
     assert items[3].error == f"'{bad}': not an accepted image format (not an image; accepted: PNG, JPEG, BMP, TIFF, WebP, PNM)"
     for i, item in enumerate(items):
         if i == 3:
             continue
         assert item.error is None
-        assert item.tensor.shape == (3, 32, 32)
+        assert item.array.shape == (3, 32, 32)
         assert item.original_hw == (10 + i, 12)
         assert item.rgb is None
         expected = (20 * i / 255 - IMAGENET_MEAN[0]) / IMAGENET_STD[0]
-        assert float(item.tensor[0, 5, 5]) == pytest.approx(expected, abs=1e-5)
+        assert float(item.array[0, 5, 5]) == pytest.approx(expected, abs=1e-5)
 
 
 @pytest.mark.parametrize("workers", [1, 4])

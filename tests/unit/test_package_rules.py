@@ -119,3 +119,82 @@ def test_the_command_line_sets_its_settings_in_main_only(setting):
         assert before.startswith("(None,") and after.startswith("'PASSIVE',")
     else:
         assert before.endswith("89478485") and after.startswith("'PASSIVE', None")
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers that point one way (import-linter's contracts in pyproject.toml), and no private names
+# taken from another module.
+
+ROOT = PACKAGE.parents[1]
+
+
+def lint_imports(package_parent: Path) -> subprocess.CompletedProcess:
+    """import-linter on the package found under ``package_parent``, with the repository's contracts."""
+    env = {**__import__("os").environ, "PYTHONPATH": str(package_parent)}
+    return subprocess.run(
+        [str(Path(sys.executable).with_name("lint-imports")), "--config", str(ROOT / "pyproject.toml"), "--no-cache"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=package_parent,
+    )
+
+
+def test_the_layer_contracts_hold():
+    done = lint_imports(PACKAGE.parent)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "3 kept, 0 broken" in done.stdout
+
+
+@pytest.mark.parametrize(
+    "module, line, edge",
+    [
+        # the two circles of patchcore 0.1: a library module on the command line (inside a
+        # function, as it was), and search on coreset's kernels while coreset uses search
+        ("distributed/predict.py", "def _circle():\n    from ..cli import main\n", "patchcore.distributed.predict -> patchcore.cli"),
+        ("search.py", "from .coreset import greedy_coreset\n", "patchcore.search -> patchcore.coreset"),
+        # a face on another face, a foundation on torch, the server on torch
+        ("export.py", "def _face():\n    from .serve import serve\n", "patchcore.export -> patchcore.serve"),
+        ("layout.py", "import torch\n", "patchcore.layout -> torch"),
+        ("serve/limits.py", "import torch\n", "patchcore.serve.limits -> torch"),
+    ],
+)
+def test_the_contracts_fail_on_a_wrong_way_import(tmp_path, module, line, edge):
+    """Each contract can fail: the package copied with one wrong-way import added."""
+    import shutil
+
+    copy = tmp_path / "patchcore"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    target = copy / module
+    target.write_text(target.read_text() + "\n" + line)
+    done = lint_imports(tmp_path)
+    assert done.returncode != 0 and "2 kept, 1 broken" in done.stdout, done.stdout + done.stderr
+    assert edge in done.stdout.split("Broken contracts", 1)[1]
+
+
+def private_reaches(source: str) -> list[str]:
+    """Where ``source`` takes a private name (one leading underscore) from another of patchcore's
+    modules: ``from .x import _name``, or ``module._name`` / ``obj._name`` on anything but
+    ``self`` and ``cls`` and the standard library's or third parties' modules imported by name."""
+    tree = ast.parse(source)
+    foreign = {alias.asname or alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names if not alias.name.startswith("patchcore")}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("patchcore")):
+            found += [f"{node.lineno}: from {'.' * node.level}{node.module or ''} import {a.name}" for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+        elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            if not (isinstance(node.value, ast.Name) and node.value.id in {"self", "cls"} | foreign):
+                found.append(f"{node.lineno}: {ast.unparse(node)}")
+    return sorted(found, key=lambda where: int(where.split(":")[0]))
+
+
+def test_the_private_rule_finds_what_it_should():
+    source = (
+        "import argparse\nfrom .model import PatchCore, _image_sizes\nfrom . import model\n"
+        "x = model._features(b)\ny = self._bar\nz = argparse._ArgumentGroup\nw = other.model_._run(1)\nfrom patchcore.coreset import _greedy_plain\n"
+    )
+    assert private_reaches(source) == [
+        "2: from .model import _image_sizes", "4: model._features", "7: other.model_._run", "8: from patchcore.coreset import _greedy_plain",
+    ]
+
+
+def test_no_module_takes_a_private_name_from_another():
+    offenders = {str(path.relative_to(PACKAGE)): found for path in sorted(PACKAGE.rglob("*.py")) if (found := private_reaches(path.read_text()))}
+    assert offenders == {}, f"use the other module's public interface: {offenders}"

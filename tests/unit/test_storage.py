@@ -14,8 +14,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from patchcore import storage
-from patchcore.storage import FORMAT_VERSION, ModelFileError, read_model, tensors_sha256, write_model
+from patchcore import formats
+from patchcore import __version__
+from patchcore.formats import MODEL_FORMAT_VERSION as FORMAT_VERSION
+from patchcore.storage import ModelFileError, read_model, tensors_sha256, write_model
 
 
 def exact(message: str) -> str:
@@ -211,7 +213,7 @@ def test_read_newer_format_asks_for_upgrade(tmp_path: Path) -> None:
     save_file(tensors, str(path), metadata={"patchcore": json.dumps(header)})
     message = (
         f"'{path}': written by patchcore 9.9 in model format 999; "
-        f"this patchcore reads format {FORMAT_VERSION} and older: upgrade patchcore"
+        f"this patchcore ({__version__}) reads model format {FORMAT_VERSION} and older: upgrade patchcore"
     )
     with pytest.raises(ModelFileError, match=exact(message)):
         read_model(path)
@@ -231,7 +233,7 @@ def test_read_missing_format_version(tmp_path: Path) -> None:
     tensors = {"a": torch.ones(1)}
     path = tmp_path / "nover.safetensors"
     save_file(tensors, str(path), metadata={"patchcore": json.dumps({"tensors_sha256": tensors_sha256(tensors)})})
-    with pytest.raises(ModelFileError, match=exact(f"'{path}': damaged model file (no format version)")):
+    with pytest.raises(ModelFileError, match=exact(f"'{path}': damaged model file (no model format version)")):
         read_model(path)
 
 
@@ -271,7 +273,7 @@ def test_read_settings_json_but_not_an_object(tmp_path: Path) -> None:
 
 def test_model_file_error_is_value_error() -> None:
     assert issubclass(ModelFileError, ValueError)
-    assert storage.METADATA_KEY == "patchcore"
+    assert formats.METADATA_KEY == "patchcore"
 
 
 def test_a_setting_cannot_replace_the_format_version(tmp_path: Path) -> None:

@@ -3,7 +3,8 @@
 python-multipart, prometheus-client, psutil)."""
 
 from .access import AccessRules
-from .app import create_app, load_served_model
+from .app import create_app
+from .holder import load_served_model
 from .limits import DEFAULT_SERVER_MAX_IMAGE_PIXELS, ServerLimits
 from .server import serve
 

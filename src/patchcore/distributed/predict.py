@@ -28,8 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import socket
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
@@ -38,29 +36,17 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from .errors import BadInputError, ClusterError
+from ..errors import BadInputError, ClusterError
+from ..formats import files_of
+from .cluster import LOCAL_OBJECT_STORE_BYTES, connect, first_line, import_ray
 
-#: the object store of a local Ray instance (``--ray`` alone): in-flight images and pictures, plus the model
-LOCAL_OBJECT_STORE_BYTES = 512 * 2**20
 #: file-reading tasks on the driver's node at a time: enough to keep the actors fed, few enough
 #: that reading does not run far ahead of scoring and fill the object store
 READ_TASKS = 4
 #: how long the actor pool may take to start (each actor fetches and loads the model) before the run fails
 ACTOR_START_TIMEOUT_S = 600
-#: how long to wait for a cluster's head to accept a connection before saying it is not there
-CONNECT_TIMEOUT_S = 5.0
 #: the Ray label every node carries with its id (pins the reading tasks to the driver's node)
 NODE_ID_LABEL = "ray.io/node-id"
-
-
-def import_ray() -> Any:
-    """The ``ray`` module, or a one-line error naming the extra that installs it."""
-    try:
-        import ray
-        import ray.data  # Ray without its data extra cannot run the pipeline
-    except ImportError as error:
-        raise BadInputError(f"--ray needs Ray ({error}): pip install 'patchcore[ray]'") from None
-    return ray
 
 
 def is_uri(source: str) -> bool:
@@ -71,13 +57,7 @@ def is_uri(source: str) -> bool:
 def model_files(path: str | Path) -> dict[str, bytes]:
     """The bytes of a model file and of the files beside it that loading it reads: an ONNX file's
     external weights (``NAME.onnx.data``), an OpenVINO model's ``.bin`` and ``.json``."""
-    path = Path(path)
-    files = [path]
-    if path.suffix == ".onnx":
-        files.append(path.with_name(path.name + ".data"))
-    elif path.suffix == ".xml":
-        files += [path.with_suffix(".bin"), path.with_suffix(".json")]
-    return {file.name: file.read_bytes() for file in files if file.is_file()}
+    return {file.name: file.read_bytes() for file in files_of(path)}
 
 
 @dataclass
@@ -97,8 +77,8 @@ class Scorer:
     def __init__(self, model_ref: list, name: str, pictures: str | None, threshold: float | None, load_options: dict[str, Any]) -> None:
         import ray
 
-        from .cli import load_model
-        from .intake import own_the_pixel_limit
+        from ..intake import own_the_pixel_limit
+        from ..scoring import load_model
 
         own_the_pixel_limit()  # this process reads images through the intake only: its limit is the driver's
         # The reference arrives inside a list so that Ray hands it over unresolved: fetched here,
@@ -108,18 +88,14 @@ class Scorer:
             for file_name, data in files.items():
                 Path(folder, file_name).write_bytes(data)
             # Every engine reads its files while loading, so the folder can go right after.
-            self.model = load_model(Path(folder, name), exported=True, progress=False, **load_options)
-        from .runtime import ExportedModel
-
-        self.exported = isinstance(self.model, ExportedModel)
+            self.model = load_model(Path(folder, name), progress=False, **load_options)
         self.pictures = pictures
         self.threshold = threshold
         self.node = ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from .data import BadInputError, LoadedImage, prepare_image
-        from .intake import read_image_bytes
-        from .render import encode_picture, predict_picture
+        from ..data import LoadedImage, load_bytes
+        from ..render import encode_picture, predict_picture
 
         loaded = []
         names = [str(name) for name in batch["path"]]
@@ -127,13 +103,8 @@ class Scorer:
         for name, data, error in zip(names, batch["bytes"], errors):
             if error:
                 loaded.append(LoadedImage(Path(name), error=str(error)))
-                continue
-            try:
-                rgb = read_image_bytes(bytes(data), name, self.model.max_image_pixels)
-            except BadInputError as failure:
-                loaded.append(LoadedImage(Path(name), error=str(failure)))
-                continue
-            loaded.append(prepare_image(name, rgb, self.model.layout_, keep_rgb=self.pictures is not None, as_array=self.exported))
+            else:
+                loaded.append(load_bytes(name, bytes(data), self.model.layout_, self.pictures is not None, self.model.max_image_pixels))
         records, pictures = [], []
         for name, prediction in zip(names, self.model.predict_loaded(loaded, self.threshold)):
             # The path as given: a URI's "s3://" would not survive the Path the image was named by.
@@ -149,7 +120,7 @@ class Scorer:
 def read_files(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """A reading task's work on the driver's node: each local file's bytes, or the error that
     local ``predict`` reports for it (missing, unreadable)."""
-    from .intake import read_file_bytes
+    from ..intake import read_file_bytes
 
     contents, errors = [], []
     for path in batch["path"]:
@@ -273,7 +244,7 @@ class RayScoring:
                     self.images_per_node[str(node)] += 1
                     yield RayResult(json.loads(record), bytes(picture) or None, str(node))
         except self.ray.exceptions.RayError as error:
-            raise ClusterError(f"--ray: scoring failed on the cluster ({_first_line(error)})") from None
+            raise ClusterError(f"--ray: scoring failed on the cluster ({first_line(error)})") from None
 
     def describe(self) -> str:
         """One line: where the images were scored (actors, nodes, images per node)."""
@@ -281,40 +252,3 @@ class RayScoring:
         per_node = ", ".join(f"{node[:8]}: {count}" for node, count in sorted(self.images_per_node.items()))
         nodes = len(self.images_per_node)
         return f"scored on {where} by {self.actors} actors on {nodes} node{'s' * (nodes != 1)} (images per node: {per_node})"
-
-
-def _check_reachable(address: str) -> None:
-    """A HOST:PORT that nothing answers on fails here, at once: ray.init would retry for minutes."""
-    host, separator, port = address.rpartition(":")
-    if not separator or not port.isdigit() or "://" in address:
-        return  # "auto", "ray://...": Ray's own forms, left to Ray
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
-    except OSError as error:
-        raise ClusterError(f"--ray: no Ray cluster answers at {address} ({error.strerror or error})") from None
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-def connect(ray: Any, address: str | None, object_store_bytes: int) -> str:
-    """Start a local Ray instance (``address`` None; its object store ``object_store_bytes``) or
-    join the cluster at ``address``; a failure is one line that says how authentication is set
-    up. Returns the driver's node id."""
-    where = "start a local Ray instance" if address is None else f"join the Ray cluster at {address}"
-    if address is not None:
-        _check_reachable(address)
-    try:
-        if address is None:
-            # "local": a new instance, never an existing cluster that ray.init() would find and join.
-            ray.init(address="local", object_store_memory=object_store_bytes, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-        else:
-            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-    except Exception as error:  # Ray reports connection and authentication failures as several types
-        hint = ""
-        if address is not None and os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
-            hint = "; a cluster started with `ray start --head` wants RAY_AUTH_MODE=token and its token (~/.ray/auth_token or RAY_AUTH_TOKEN)"
-        raise ClusterError(f"--ray: could not {where} ({_first_line(error)}){hint}") from None
-    return ray.get_runtime_context().get_node_id()

@@ -26,18 +26,24 @@ from __future__ import annotations
 
 import time
 from collections import Counter, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from .data import LoadedImage, prepare_image
-from .intake import image_size_hw, own_the_pixel_limit, read_file_bytes, read_image_bytes
-from .errors import BadInputError
-from .model import PatchCore, _calibration_inputs, own_runs
-from .search import NearestNeighbourIndex
+from ..backbones import build_feature_extractor, get_spec
+from ..calibrate import calibrate
+from ..data import LoadedImage, load_bytes
+from ..errors import BadInputError
+from ..features import PatchFeatures
+from ..fitting import CalibrationInputs, FitOptions, FitPipeline, FittedState, LeftOut, bank_entries, own_runs
+from ..intake import image_size_hw, own_the_pixel_limit, read_file_bytes
+from ..layout import InputLayout
+from ..model import PatchCore
+from ..search import NearestNeighbourIndex
+from .cluster import connect, import_ray
 
 #: backbone batches per chunk of images sent to an actor: enough work to hide the round trip,
 #: few enough images (with two chunks in flight per actor) to keep Ray's object store small
@@ -47,26 +53,20 @@ CHUNKS_IN_FLIGHT = 2
 
 
 class FeatureWorker:
-    """One actor of a fit on Ray: extracts the features of the chunks of images it is sent,
-    keeps them in temporary files on its node, and hands back chosen rows and left-out scores."""
+    """One actor of a fit on Ray: runs the fitting pipeline's feature and leave-one-out steps on
+    the chunks of images it is sent, keeping their features in temporary files on its node."""
 
     def __init__(self, recipe: dict[str, Any], extractor: dict[str, np.ndarray]) -> None:
-        from .backbones import build_feature_extractor, get_spec
-        from .features import PatchFeatures
-        from .layout import InputLayout
-
         # The driver's thread count: a convolution's sums, and so the features, depend on it.
         torch.set_num_threads(recipe["threads"])
         own_the_pixel_limit()  # this process reads images through the intake only: its limit is the driver's
-        self.model = PatchCore(
-            recipe["backbone"], layers=recipe["layers"], seed=recipe["seed"], num_neighbors=recipe["num_neighbors"],
-            device=recipe["device"], batch_size=recipe["batch_size"], index=recipe["index"], temp_dir=recipe["temp_dir"],
-            max_image_pixels=recipe["max_image_pixels"], progress=False,
-        )
-        module = build_feature_extractor(get_spec(self.model.backbone), self.model.layers)
+        options = FitOptions(**recipe["options"])
+        module = build_feature_extractor(get_spec(recipe["backbone"]), tuple(recipe["layers"]))
         module.load_state_dict({name: torch.from_numpy(value) for name, value in extractor.items()})
-        self.model.patch_features_ = PatchFeatures(module, self.model.layers).to(self.model.device)
-        self.model.layout_ = InputLayout.from_dict(recipe["layout"])
+        patch_features = PatchFeatures(module, tuple(recipe["layers"])).to(torch.device(options.device))
+        self.pipeline = FitPipeline(patch_features, InputLayout.from_dict(recipe["layout"]), options)
+        self.index_kind, self.num_neighbors = recipe["index"], recipe["num_neighbors"]
+        self.index: NearestNeighbourIndex | None = None
         self.chunks: dict[int, Any] = {}
         import ray
 
@@ -75,26 +75,23 @@ class FeatureWorker:
     def extract(self, chunk: int, files: list[tuple[str, bytes | str]], sizes: list[tuple[int, int]]) -> dict[str, Any]:
         """Features of one chunk of images, given as (name, file bytes, or the read error):
         the projection and each image's layout come back, the features stay here."""
-        size = self.model.batch_size
+        size = self.pipeline.options.batch_size
         batches = [[self._decode(name, data) for name, data in files[start : start + size]] for start in range(0, len(files), size)]
-        self.model.skipped_ = []
+        skipped = [item.error for batch in batches for item in batch if item.error]
         try:
-            patches = self.model._extract_patches([name for name, _ in files], "features", sizes, batches)
+            patches = self.pipeline.extract([name for name, _ in files], sizes, batches)
         except ValueError:  # no readable image in the chunk
-            return {"points": None, "skipped": self.model.skipped_, "node": self.node}
+            return {"points": None, "skipped": skipped, "node": self.node}
         self.chunks[chunk] = patches
         return {
             "points": patches.points.cpu().numpy(), "starts": patches.starts, "grids": patches.grids, "input_sizes": patches.input_sizes,
-            "sources": patches.sources, "skipped": self.model.skipped_, "disk_bytes": patches.file.nbytes, "node": self.node,
+            "sources": patches.sources, "skipped": patches.skipped, "disk_bytes": patches.file.nbytes, "node": self.node,
         }
 
     def _decode(self, name: str, data: bytes | str) -> LoadedImage:
         if isinstance(data, str):  # the driver could not read the file
             return LoadedImage(Path(name), error=data)
-        try:
-            return prepare_image(name, read_image_bytes(data, name, self.model.max_image_pixels), self.model.layout_)
-        except BadInputError as error:
-            return LoadedImage(Path(name), error=str(error))
+        return load_bytes(name, data, self.pipeline.layout, max_pixels=self.pipeline.options.max_image_pixels)
 
     def gather(self, chunk: int, rows: np.ndarray) -> np.ndarray:
         """The chunk's rows at increasing row numbers (counted within the chunk), as stored."""
@@ -102,12 +99,11 @@ class FeatureWorker:
 
     def use_bank(self, bank: np.ndarray) -> None:
         """Search ``bank`` from now on (the memory bank the driver chose)."""
-        self.model.memory_bank_ = torch.from_numpy(bank).to(self.model.device)
-        self.model.index_ = NearestNeighbourIndex(self.model.memory_bank_, self.model.index)
+        self.index = NearestNeighbourIndex(torch.from_numpy(bank).to(self.pipeline.device), self.index_kind)
 
-    def left_out(self, chunk: int, images: list[int], owns: list[tuple[int, int]]) -> list[tuple[float, float, float, int]]:
+    def left_out(self, chunk: int, images: list[int], owns: list[tuple[int, int]]) -> list[LeftOut]:
         """The chunk's images (numbered within it) scored without their own bank entries ``owns``."""
-        return [self.model._left_out(self.chunks[chunk], image, own) for image, own in zip(images, owns)]
+        return [self.pipeline.left_out(self.index, self.num_neighbors, self.chunks[chunk], image, own) for image, own in zip(images, owns)]
 
     def close(self) -> None:
         """Remove this actor's temporary files."""
@@ -131,23 +127,21 @@ def fit_on_ray(model: PatchCore, images: Sequence[str | Path], address: str | No
     docstring); ``address`` None starts a local Ray instance. The model is the local fit's; it also
     gets ``fit_images_per_node_`` ({Ray node id: images whose features it extracted}) and
     ``fit_workers_`` (the actors)."""
-    from .distributed import connect, import_ray
-
     ray = import_ray()
     clock_start = time.perf_counter()
     paths = [Path(p) for p in images]
-    sizes = model._begin_fit(paths)
+    pipeline, sizes, weights_sha256 = FitPipeline.begin(model.backbone, model.layers, model.weights, model.layout, paths, model.fit_options())
     load_seconds = time.perf_counter() - clock_start
+    # The actors' pipelines: the driver's options, on "cuda" whichever GPU each has, without bars.
+    options = replace(pipeline.options, device="cuda" if pipeline.device.type == "cuda" else "cpu", progress=False)
     recipe = {
-        "backbone": model.backbone, "layers": list(model.layers), "seed": model.seed, "num_neighbors": model.num_neighbors,
-        "device": "cuda" if model.device.type == "cuda" else "cpu", "batch_size": model.batch_size, "index": model.index,
-        "temp_dir": None if model.temp_dir is None else str(model.temp_dir), "layout": model.layout_.to_dict(), "threads": torch.get_num_threads(),
-        "max_image_pixels": model.max_image_pixels,
+        "backbone": model.backbone, "layers": list(model.layers), "num_neighbors": model.num_neighbors, "index": model.index,
+        "layout": pipeline.layout.to_dict(), "options": options.to_dict(), "threads": torch.get_num_threads(),
     }
-    extractor = {name: value.detach().cpu().numpy() for name, value in model.patch_features_.extractor.state_dict().items()}
+    extractor = {name: value.detach().cpu().numpy() for name, value in pipeline.patch_features.extractor.state_dict().items()}
     connect(ray, address, object_store_bytes=256 * 2**20 + 2 * sum(v.nbytes for v in extractor.values()))
     try:
-        gpus = 1 if model.device.type == "cuda" else 0
+        gpus = 1 if pipeline.device.type == "cuda" else 0
         # Each actor runs the driver's thread count, and on the CPU holds as many CPUs (at most a node's).
         nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
         cpus = 0 if gpus else min(recipe["threads"], max(int(node.get("CPU", 0)) for node in nodes))
@@ -159,20 +153,19 @@ def fit_on_ray(model: PatchCore, images: Sequence[str | Path], address: str | No
         shared = ray.put(extractor)
         pool = [actor.remote(recipe, shared) for _ in range(count)]
         try:
-            _fit_with(ray, model, pool, paths, sizes)
+            state = _fit_with(ray, model, pipeline, weights_sha256, pool, paths)
         finally:
             ray.get([worker.close.remote() for worker in pool])
     finally:
         ray.shutdown()
-    model.fit_seconds_ = {"load_backbone": load_seconds, **model.fit_seconds_}
-    return model
+    state.fit_seconds = {"load_backbone": load_seconds, **state.fit_seconds}
+    return model.set_fitted(state)
 
 
-def _fit_with(ray: Any, model: PatchCore, pool: list, paths: list[Path], sizes: list[tuple[int, int]]) -> None:
+def _fit_with(ray: Any, model: PatchCore, pipeline: FitPipeline, weights_sha256: str, pool: list, paths: list[Path]) -> FittedState:
     started = time.perf_counter()
-    chunks, results = _extract_everywhere(ray, model, pool, paths)
+    chunks, results = _extract_everywhere(ray, pipeline, pool, paths)
     readable = [(chunk, result) for chunk, result in zip(chunks, results) if result["points"] is not None]
-    model.skipped_ = [message for result in results for message in result["skipped"]]
     sources = [source for _, result in readable for source in result["sources"]]
     if len(sources) < 2:
         raise ValueError(f"need at least 2 readable good images to fit (each is scored against the others to set the threshold), got {len(sources)}")
@@ -184,26 +177,22 @@ def _fit_with(ray: Any, model: PatchCore, pool: list, paths: list[Path], sizes: 
         first_image, first_row = first_image + count, first_row + rows
     points = torch.from_numpy(np.concatenate([result["points"] for _, result in readable]))
     starts = np.concatenate([[0]] + [chunk.first_row + result["starts"][1:] for chunk, (_, result) in zip(layout, readable)])
-    model.num_fit_images_ = len(sources)
     model.fit_images_per_node_ = dict(Counter(result["node"] for _, result in readable for _ in result["sources"]))
-    model.fit_disk_bytes_ = sum(result["disk_bytes"] for _, result in readable)
     features_seconds = time.perf_counter() - started
 
-    size = model._bank_entries(len(points))
-    model.coreset_ratio_ = model.coreset_ratio if model.bank_size is None else size / len(points)
-    picks = model._select_coreset(points.to(model.device), size).numpy()
+    size = bank_entries(len(points), model.coreset_ratio, model.bank_size)
+    picks = pipeline.select_coreset(points.to(pipeline.device), size).numpy()
     del points
     bank_parts = []
     for chunk in layout:
         mine = picks[(picks >= chunk.first_row) & (picks < chunk.first_row + chunk.rows)] - chunk.first_row
         bank_parts.append(chunk.worker.gather.remote(chunk.number, mine))
-    model.memory_bank_ = torch.from_numpy(np.concatenate(ray.get(bank_parts))).float().to(model.device)
-    model.index_ = NearestNeighbourIndex(model.memory_bank_, model.index)
+    memory_bank = torch.from_numpy(np.concatenate(ray.get(bank_parts))).float().to(pipeline.device)
     coreset_seconds = time.perf_counter() - started - features_seconds
 
-    bank = ray.put(model.memory_bank_.cpu().numpy())
+    bank = ray.put(memory_bank.cpu().numpy())
     ray.get([worker.use_bank.remote(bank) for worker in {chunk.worker for chunk in layout}])
-    chosen = model._calibration_images(len(sources))
+    chosen = pipeline.calibration_images(len(sources))
     bank_starts = own_runs(picks, starts)
     asked = []
     for chunk in layout:
@@ -211,33 +200,35 @@ def _fit_with(ray: Any, model: PatchCore, pool: list, paths: list[Path], sizes: 
         owns = [(int(bank_starts[i]), int(bank_starts[i + 1])) for i in mine]
         asked.append(chunk.worker.left_out.remote(chunk.number, (mine - chunk.first_image).tolist(), owns))
     left_out = [result for part in ray.get(asked) for result in part]  # chunk by chunk: the chosen images in order
-    scores, peaks, map_mean = _calibration_inputs(left_out)
-    model.calibration_sources_ = [sources[i] for i in chosen]
-    from .calibrate import calibrate
+    inputs = CalibrationInputs.of(left_out, [sources[i] for i in chosen])
+    calibration = calibrate(*inputs.for_calibrate(), model.false_alarm_rate)
+    return FittedState(
+        pipeline.patch_features, pipeline.layout, weights_sha256, memory_bank,
+        coreset_ratio=model.coreset_ratio if model.bank_size is None else size / first_row,  # first_row: all the patches
+        num_fit_images=len(sources), calibration=calibration, calibration_sources=inputs.sources,
+        skipped=[message for result in results for message in result["skipped"]],
+        fit_seconds={"features": features_seconds, "coreset": coreset_seconds, "calibration": time.perf_counter() - started - features_seconds - coreset_seconds},
+        fit_disk_bytes=sum(result["disk_bytes"] for _, result in readable),
+    )
 
-    model.calibration_ = calibrate(scores, peaks, map_mean, model.false_alarm_rate)
-    model.fit_seconds_ = {"features": features_seconds, "coreset": coreset_seconds, "calibration": time.perf_counter() - started - features_seconds - coreset_seconds}
 
-
-def _extract_everywhere(ray: Any, model: PatchCore, pool: list, paths: list[Path]) -> tuple[list[tuple[Any, int]], list[dict]]:
+def _extract_everywhere(ray: Any, pipeline: FitPipeline, pool: list, paths: list[Path]) -> tuple[list[tuple[Any, int]], list[dict]]:
     """Send chunks of images to the actors, each to whichever is free, and collect each chunk's
     result: ([(actor, chunk number)], [result]) in image order."""
-    per_chunk = BATCHES_PER_CHUNK * model.batch_size
+    per_chunk = BATCHES_PER_CHUNK * pipeline.options.batch_size
     starts = list(range(0, len(paths), per_chunk))
     owners: list[tuple[Any, int]] = [None] * len(starts)  # type: ignore[list-item]
     results: list[dict] = [None] * len(starts)  # type: ignore[list-item]
     waiting: dict[Any, tuple[int, Any]] = {}  # result reference -> (chunk number, actor)
     idle = deque(worker for worker in pool for _ in range(CHUNKS_IN_FLIGHT))
-    from tqdm import tqdm
-
-    with tqdm(total=len(paths), desc="   features", unit="img", disable=not model.progress, leave=False, dynamic_ncols=True) as bar:
+    with pipeline.bar(len(paths), "features") as bar:
         next_chunk = 0
         while next_chunk < len(starts) or waiting:
             while idle and next_chunk < len(starts):
                 worker = idle.popleft()
                 chunk_paths = paths[starts[next_chunk] : starts[next_chunk] + per_chunk]
                 files = [(str(path), _file_bytes(path)) for path in chunk_paths]
-                sizes = [size for size in (image_size_hw(path, model.max_image_pixels) for path in chunk_paths) if size is not None]
+                sizes = [size for size in (image_size_hw(path, pipeline.options.max_image_pixels) for path in chunk_paths) if size is not None]
                 reference = worker.extract.remote(next_chunk, files, sizes)
                 waiting[reference] = (next_chunk, worker)
                 next_chunk += 1

@@ -1,0 +1,151 @@
+"""The model: what it is, whether it is ready, and scoring images with it.
+
+A predict request meets, in order: the name and readiness check, the body's size and time
+(``requests.py``), the memory budget for the body, each image's header (``uploads.py``), the
+budget for decoding, scoring and answering them (``budget.py``), the queue's room, the decoding,
+the scoring thread (``batching.py``), and the records, one image at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+
+from ...intake import accepted_formats_text
+from ...render import picture_format as canonical_picture_format
+from ..access import require_api_key
+from ..batching import QueueFullError
+from ..budget import PICTURE_MAX_SIDE, BudgetBusyError, NeverFitsError, Reservation, image_cost
+from ..holder import ServedModel
+from ..requests import RequestError, declared_length, read_body, uploads
+from ..state import LARGE_LANE_BYTES, RETRY_AFTER_SECONDS, ServerState, error_response, server_state
+from ..uploads import REFUSAL_OUTCOMES, check_headers, decode_upload, record
+
+#: a body's reservation: the body, and the copies of its files that parsing makes
+BODY_COPIES = 2
+
+router = APIRouter()
+
+
+@router.get("/v2/models/{requested}", dependencies=[Depends(require_api_key)])
+async def model_metadata(requested: str, state: ServerState = Depends(server_state)) -> JSONResponse:
+    """What the model is: backbone, input, bank, thresholds, checksum; and the server's limits."""
+    if (refusal := state.not_serving(requested)) is not None:
+        return refusal
+    served = state.holder.served
+    return JSONResponse({
+        "name": state.model_name,
+        "versions": [served.sha256[:12]],
+        "platform": f"patchcore-{served.metadata['engine']}",
+        "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1], "parameters": {"content": f"encoded image files ({accepted_formats_text()})"}}],
+        "outputs": [
+            {"name": "score", "datatype": "FP32", "shape": [-1]},
+            {"name": "is_anomalous", "datatype": "BOOL", "shape": [-1]},
+            {"name": "regions", "datatype": "JSON", "shape": [-1]},
+        ],
+        "patchcore": served.metadata,
+        "server": {**state.limits.to_dict(), "model_format_version": served.metadata["newest_format_version"], "picture_max_side": PICTURE_MAX_SIDE},
+    })
+
+
+@router.get("/v2/models/{requested}/ready")
+async def model_ready(requested: str, state: ServerState = Depends(server_state)) -> JSONResponse:
+    if (refusal := state.not_serving(requested)) is not None:
+        return refusal
+    return JSONResponse({"name": state.model_name, "ready": True})
+
+
+@router.post("/v2/models/{requested}/predict", dependencies=[Depends(require_api_key)])
+async def predict(
+    requested: str, request: Request, picture: bool = False, picture_format: str = "jpeg", filename: str = "image",
+    state: ServerState = Depends(server_state),
+) -> JSONResponse:
+    """Images (multipart files, or one image as the raw body) -> one result each."""
+    started = time.perf_counter()
+    reservation = Reservation()
+    try:
+        if (refusal := state.not_serving(requested)) is not None:
+            return await state.drained(request, refusal)
+        try:
+            format_name = canonical_picture_format(picture_format)
+        except ValueError:
+            answer = await state.drained(request, error_response(422, f"picture_format must be jpeg (or jpg) or png, got {picture_format!r}"))
+        else:
+            answer = await _predict(state, request, reservation, state.holder.served, picture, format_name, filename)
+    except RequestError as error:
+        # after a 408 the rest of the body may still be on its way: the connection is not reused
+        answer = error_response(error.status, error.message, headers={"Connection": "close"} if error.status == 408 else None)
+    except NeverFitsError as error:
+        state.metrics.refusals.labels("never_fits").inc()
+        answer = error_response(413, (
+            f"request needs {error.args[0] / 2**20:.0f} MB of memory to decode, score and answer, more than one request may hold "
+            f"({state.budget.per_request / 2**20:.0f} MB, --max-request-memory-mb); send fewer or smaller images per request"
+        ))
+    except (BudgetBusyError, QueueFullError) as error:
+        state.metrics.refusals.labels("busy").inc()
+        text = str(error) if isinstance(error, QueueFullError) else "the server is busy with other requests (its memory budget is in use); retry shortly"
+        answer = error_response(503, text, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+    finally:
+        state.budget.release(reservation)
+        state.metrics.latency.observe(time.perf_counter() - started)
+    return await state.slowed(answer)
+
+
+async def _predict(
+    state: ServerState, request: Request, reservation: Reservation, served: ServedModel, picture: bool, format_name: str, filename: str
+) -> JSONResponse:
+    loop = asyncio.get_running_loop()
+    limits, budget, batcher, metrics = state.limits, state.budget, state.batcher, state.metrics
+    limit_text = f"{limits.max_request_mb:g} MB (--max-request-mb)"
+    declared = declared_length(request)
+    if declared is not None and declared > limits.max_body_bytes:
+        await read_body(request, limits.max_body_bytes, limits.read_timeout_s, limit_text)  # drains, then 413
+    try:
+        await budget.grow(reservation, BODY_COPIES * (declared if declared is not None else limits.max_body_bytes))
+    except (BudgetBusyError, NeverFitsError):
+        await state.drain_body(request)
+        raise
+    body = await read_body(request, limits.max_body_bytes, limits.read_timeout_s, limit_text)
+    files = await uploads(request, body, filename)
+    del body
+    if len(files) > limits.max_queue:  # could never fit, however long the client waited
+        raise RequestError(413, f"request has {len(files)} images, more than the queue holds ({limits.max_queue}, --max-queue); send fewer per request")
+    # Each image's header, then the room to decode them all, then the decoding.
+    headers = await loop.run_in_executor(state.pool, check_headers, files, served, limits)  # one trip to the pool for them all
+    await budget.grow(reservation, sum(image_cost(h, served.model.layout_, served.metadata["backbone"], picture) for h, _ in headers if h is not None))
+    readable = sum(h is not None for h, _ in headers)
+    batcher.check_room(readable)  # refuse before paying for the decoding
+    lane = state.large_lane if reservation.nbytes > min(budget.small_limit, LARGE_LANE_BYTES) else state.pool
+    loaded = await asyncio.gather(*(
+        loop.run_in_executor(lane, decode_upload, name, data, served, picture, limits.max_image_pixels) if header is not None else _as_result(refusal)
+        for (name, data), (header, refusal) in zip(files, headers)
+    ))
+    files = None
+    waiting = iter(batcher.submit([(served, item) for item, status in loaded if item.error is None]))  # others may have filled it meanwhile
+    results, statuses = [], []
+    for item, status in loaded:
+        if item.error is not None:
+            metrics.images.labels(REFUSAL_OUTCOMES[status]).inc()
+            results.append({"path": str(item.path), "error": item.error, "status": status})
+            statuses.append(status)
+            continue
+        prediction = await next(waiting)
+        item.rgb = item.array = None
+        # One image's full-size map at a time: the record is built and the map let go.
+        results.append(await loop.run_in_executor(lane, record, prediction, picture, format_name))
+        del prediction
+        metrics.images.labels("scored").inc()
+        metrics.anomalies.inc(int(results[-1]["is_anomalous"]))
+        statuses.append(200)
+    status = 200 if 200 in statuses else statuses[0]
+    reply = {"model_name": state.model_name, "model_version": served.sha256[:12], "results": results}
+    if status != 200:
+        reply["error"] = results[0]["error"]
+    return JSONResponse(reply, status_code=status)
+
+
+async def _as_result(value: object) -> object:
+    return value
