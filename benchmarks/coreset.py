@@ -34,6 +34,7 @@ from provenance import describe, headline, provenance, stamped  # benchmarks/pro
 
 from patchcore import PatchCore
 from patchcore.coreset import _greedy_plain, greedy_coreset
+from patchcore.fitting import FitPipeline
 from patchcore.data import training_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,8 +44,8 @@ def bottle_projection(data: Path, backbone: str) -> torch.Tensor:
     """The float16 projection of bottle's training patches, as a fit makes it."""
     images = training_images(data / "mvtec_ad" / "bottle")
     model = PatchCore(backbone, progress=False)
-    model._begin_fit(images)
-    patches = model._extract_patches(images, "training")
+    pipeline, sizes, _ = FitPipeline.begin(model.backbone, model.layers, model.weights, model.layout, images, model.fit_options())
+    patches = pipeline.extract(images, sizes)
     patches.close()
     return patches.points
 

@@ -62,7 +62,7 @@ def main() -> None:
     model = PatchCore.load(model_file, device="cpu", progress=False)
     samples = list_test_samples(bottle)
     rgbs = [read_image(s.path) for s in samples]
-    prepared = torch.stack([prepare_image(s.path, rgb, model.layout_).tensor for s, rgb in zip(samples, rgbs)])
+    prepared = torch.from_numpy(np.stack([prepare_image(s.path, rgb, model.layout_).array for s, rgb in zip(samples, rgbs)]))
     batches = list(prepared.split(BATCH))
     session = onnxruntime.InferenceSession(str(scratch / "bottle.onnx"), providers=["CPUExecutionProvider"])
     settings = json.loads((scratch / "ov" / "bottle.json").read_text())
@@ -83,7 +83,7 @@ def main() -> None:
     results: dict = {}
     for name, run in engines.items():
         scores, maps = score_all(run, batches)
-        full = [model.layout_.map_to_image(torch.from_numpy(m), rgb.shape[:2]).numpy() for m, rgb in zip(maps, rgbs)]
+        full = [model.layout_.map_to_image(m, rgb.shape[:2]) for m, rgb in zip(maps, rgbs)]
         results[name] = {
             "scores": scores, "maps": maps,
             "image_auroc": image_auroc(labels, scores),
@@ -128,7 +128,7 @@ def main() -> None:
 
 
 def _score_prepared(model: PatchCore, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    scores, maps = model._score_prepared(batch)
+    scores, maps = model.score_inputs(batch)
     return scores.numpy(), maps.numpy()
 
 

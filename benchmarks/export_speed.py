@@ -62,7 +62,7 @@ def child(engine: str, model_path: str, images_path: str) -> None:
 
         def score(batch: np.ndarray) -> np.ndarray:
             with torch.no_grad():
-                return model._score_prepared(torch.from_numpy(batch))[0].numpy()
+                return model.score_inputs(torch.from_numpy(batch))[0].numpy()
     else:
         from patchcore.runtime import ExportedModel
 
@@ -128,7 +128,7 @@ def main() -> None:
             subprocess.run([sys.executable, "-m", "patchcore.cli", "export", str(model_file), "--format", fmt, "--out", str(files[engine])], check=True)
         model = PatchCore.load(model_file, device="cpu", progress=False)
         samples = list_test_samples(bottle)
-        images = np.stack([prepare_image(s.path, read_image(s.path), model.layout_, as_array=True).tensor for s in samples])
+        images = np.stack([prepare_image(s.path, read_image(s.path), model.layout_).array for s in samples])
         summary["images"] = len(samples)
         images_path = scratch / f"{backbone}_images.npy"
         np.save(images_path, images)

@@ -16,8 +16,8 @@ with the bounded index first, the second with the full scan first):
 - full scan: ``NearestNeighbourIndex(bank, bounds=False)``, faiss's brute-force ``knn``;
 - for narrow features, also the principal bounds forced on them (a quarter of their dimensions).
 
-Per image it times the backbone (``_features``: network, 3x3 averaging, joining), and for each
-index the search plus eq. 7 (``_score_features`` without the maps: the nearest entry of every
+Per image it times the backbone (``PatchFeatures.of_inputs``: network, 3x3 averaging, joining), and for each
+index the search plus eq. 7 (``search.score_patches`` without the maps: the nearest entry of every
 patch, then eq. 7's neighbourhood search for the top patch), and checks the two agree: every
 patch's nearest distance (relative difference), the nearest entry, and the image score.
 
@@ -33,8 +33,8 @@ training images are scored leave-one-out, as a fit's calibration scores them, wi
 compares an old commit with the working tree instead, MobileNetV2 only, interleaved in one run
 (benchmarks/against.py: a git worktree of COMMIT and a copy of the working tree's src/, each
 measured in fresh child processes, old, new, old, new, ...), through public names only: the
-timings above go through private ones (``_features``, ``_score_features``, ``_left_out``, the
-index's ``_bounds``) that may move, so they are not compared, nor are leave-one-out scoring and
+timings above go through the fitting pipeline (``fitting.FitPipeline``) and the
+index's private ``_bounds``, which an older commit may not have, so they are not compared, nor are leave-one-out scoring and
 the forced principal bounds. First each commit fits bottle's train/good images
 (``PatchCore.fit``, ``save``) and records the features of bottle's 83 test images as
 ``PatchCore.score`` hands them to its index's ``search``; then, both commits on the working
@@ -58,7 +58,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from provenance import describe, provenance, stamped  # benchmarks/provenance.py: this folder is on sys.path when run as a script
@@ -83,18 +83,18 @@ def model_for(backbone: str, weights: Path | None, scratch: Path) -> PatchCore:
     return PatchCore(backbone, progress=False, weights=None if weights is None else str(weights))
 
 
-def bank_and_left_out(model: PatchCore, images: list[Path], left_out_images: int) -> tuple[torch.Tensor, dict]:
+def bank_and_left_out(model: PatchCore, images: list[Path], left_out_images: int) -> tuple[torch.Tensor, dict, Any]:
     """The memory bank a fit would make (features, 10% coreset), and the seconds of the first
     ``left_out_images`` training images' leave-one-out scoring (a fit's calibration) with the
     bounded and the full-scan index, alternating image by image, and the largest relative
-    difference of their scores."""
-    from patchcore.model import own_runs
+    difference of their scores; through the library's fitting pipeline, which it returns."""
+    from patchcore.fitting import FitPipeline, bank_entries, own_runs
     from patchcore.search import NearestNeighbourIndex
 
-    sizes = model._begin_fit(images)
-    patches = model._extract_patches(images, "features", sizes)
+    pipeline, sizes, _ = FitPipeline.begin(model.backbone, model.layers, model.weights, model.layout, images, model.fit_options())
+    patches = pipeline.extract(images, sizes)
     try:
-        picks = model._select_coreset(patches.points, model._bank_entries(len(patches.points)))
+        picks = pipeline.select_coreset(patches.points, bank_entries(len(patches.points), model.coreset_ratio, model.bank_size))
         bank = patches.gather(picks).float()
         runs = own_runs(picks.numpy(), patches.starts)
         indexes = {"bounded": NearestNeighbourIndex(bank), "full": NearestNeighbourIndex(bank, bounds=False)}
@@ -103,15 +103,14 @@ def bank_and_left_out(model: PatchCore, images: list[Path], left_out_images: int
         scores: dict[str, list[float]] = {"bounded": [], "full": []}
         for image in range(min(left_out_images, len(patches.sources))):
             for name in ("bounded", "full") if image % 2 == 0 else ("full", "bounded"):
-                model.index_ = indexes[name]
                 started = time.perf_counter()
-                score, *_ = model._left_out(patches, image, (int(runs[image]), int(runs[image + 1])))
+                score = pipeline.left_out(indexes[name], model.num_neighbors, patches, image, (int(runs[image]), int(runs[image + 1]))).score
                 seconds[name].append(time.perf_counter() - started)
                 scores[name].append(score)
         gap = max(abs(a - b) / abs(b) for a, b in zip(scores["bounded"], scores["full"]))
         left_out = {"images": len(seconds["full"]), "median_ms": {name: 1000 * statistics.median(values) for name, values in seconds.items()},
                     "worst_relative_score_difference": gap}
-        return bank, left_out
+        return bank, left_out, pipeline
     finally:
         patches.close()
 
@@ -131,20 +130,22 @@ def forced_bounds(bank: torch.Tensor) -> NearestNeighbourIndex | None:
 
 def scored(model: PatchCore, index: NearestNeighbourIndex, image: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, float]:
     """The library's scoring of one image's features with ``index`` (search, eq. 7, maps): (image score, seconds)."""
-    model.index_ = index
+    from patchcore.search import score_patches
+
     started = time.perf_counter()
-    scores, _ = model._score_features(features, tuple(image.shape[-2:]))
+    scores, _ = score_patches(index, features, tuple(image.shape[-2:]), model.num_neighbors)
     return scores, time.perf_counter() - started
 
 
 def run(backbone: str, weights: Path | None, data: Path, scratch: Path, check_every: int, left_out_images: int) -> dict:
-    from patchcore.data import training_images
+    from patchcore.data import same_size_runs, training_images
+    from patchcore.fitting import stack_inputs
     from patchcore.search import NearestNeighbourIndex, leading_components
 
     bottle = data / "mvtec_ad" / "bottle"
     model = model_for(backbone, weights, scratch)
     started = time.perf_counter()
-    bank, left_out = bank_and_left_out(model, training_images(bottle), left_out_images)
+    bank, left_out, pipeline = bank_and_left_out(model, training_images(bottle), left_out_images)
     bank_seconds = time.perf_counter() - started
     indexes = {"bounded": NearestNeighbourIndex(bank), "full": NearestNeighbourIndex(bank, bounds=False)}
     forced = forced_bounds(bank)
@@ -160,10 +161,11 @@ def run(backbone: str, weights: Path | None, data: Path, scratch: Path, check_ev
     true_entries = {name: 0 for name in indexes}
     checked, score_gap, image_number = 0, 0.0, 0
     with torch.inference_mode():
-        for batch, _ in model._input_batches(tests):
+        batches = (stack_inputs(run) for loaded in pipeline.loaded_batches(tests) for run in same_size_runs(loaded))
+        for batch in batches:
             for image in batch.split(1):
                 begun = time.perf_counter()
-                features = model._features(image)
+                features = pipeline.patch_features.of_inputs(image, pipeline.layout, model.batch_size)
                 times["backbone"].append(time.perf_counter() - begun)
                 order = list(indexes) if image_number % 2 == 0 else list(indexes)[::-1]
                 scores = {}
@@ -203,7 +205,7 @@ AGAINST_GATED = {"bounded_search_eq7_ms": "lower", "full_scan_eq7_ms": "lower", 
 AGAINST_NOTES = [
     "Measured through public names only, which both commits have: patchcore.model.PatchCore (constructor, fit, save, load, score, "
     "memory_bank_, index_, calibration_) and patchcore.search.NearestNeighbourIndex (search; bounds=False for the full scan) and "
-    "reweighted_image_scores. search.py's own run times _features, _score_features and _left_out and forces principal bounds through "
+    "reweighted_image_scores. search.py's own run times the fitting pipeline's features and left-out scores, and score_patches, and forces principal bounds through "
     "the index's private attributes: leave-one-out scoring and the forced bounds are not compared.",
     "Setup, once per commit (not timed for the verdict): PatchCore('mobilenet_v2', device='cpu').fit(bottle's 209 train/good images), "
     "save; then PatchCore.score of each of bottle's 83 test images (decoded with Pillow), with the fitted index's search wrapped to "
@@ -402,7 +404,7 @@ def main() -> None:
     (args.out / "search.json").write_text(json.dumps(stamped(fields, {"runs": runs}), indent=2) + "\n")
     lines = [f"Machine: {machine}. Command: `{fields['command']}` at commit {fields['commit'][:12]}{'+changes' if fields['dirty'] else ''}, {fields['date']}.", "",
              "Per test image of MVTec AD bottle (83, 256 px, 1,024 patches each), medians; the bank from bottle's 209 training images at a 10% coreset. "
-             "Scoring: the library's `_score_features` (every patch's nearest entry, eq. 7, the maps), as `predict` runs it. "
+             "Scoring: the library's `search.score_patches` (every patch's nearest entry, eq. 7, the maps), as `predict` runs it. "
              "Default: the exact index as a model builds it (bounded by k-means cells below 512 dimensions, by principal components from 512 on); "
              "principal bounds forced: those bounds on narrower features (a quarter of their dimensions).", "",
              "| backbone (weights) | bank | backbone ms | scoring, default ms | full scan ms | full / default | default / backbone | principal bounds forced ms | entries measured per query | worst distance error, default / full scan | true nearest entry, default / full scan |",

@@ -165,10 +165,13 @@ def reference_maps(patch_scores, size_hw, sigma=4.0):
 
 
 def use_reference(model_module) -> None:
-    """Swap patchcore's fast parts for the plain ones, in this process only."""
-    model_module.greedy_coreset = reference_greedy
+    """Swap patchcore's fast parts for the plain ones, in this process only: the coreset the
+    fitting pipeline selects with, the index the model builds, the maps the scoring makes."""
+    from patchcore import fitting, search
+
+    fitting.greedy_coreset = reference_greedy
     model_module.NearestNeighbourIndex = ReferenceSearch
-    model_module.anomaly_maps = reference_maps
+    search.anomaly_maps = reference_maps
 
 
 def worker_fit(args: argparse.Namespace) -> dict:
@@ -231,6 +234,7 @@ def run_child(*arguments: str) -> dict:
 
 def stage_split(model, paths: list[Path], search_kind: str, reference: bool) -> dict:
     """Milliseconds per image in each scoring stage, measured stage by stage over ``paths``."""
+    import numpy as np
     import torch
 
     from patchcore.intake import read_image
@@ -244,7 +248,7 @@ def stage_split(model, paths: list[Path], search_kind: str, reference: bool) -> 
         for start in range(0, len(paths), model.batch_size):
             chunk = paths[start : start + model.batch_size]
             t0 = time.perf_counter()
-            batch = torch.stack([model.layout_.image_to_tensor(read_image(p)) for p in chunk])
+            batch = torch.from_numpy(np.stack([model.layout_.image_to_array(read_image(p)) for p in chunk]))
             t1 = time.perf_counter()
             features = model.patch_features_(batch)
             t2 = time.perf_counter()
@@ -276,13 +280,14 @@ def accuracy(model_file: Path, bottle: Path, index: str, reference: bool) -> dic
 
 def ivf_recall(model, paths: list[Path]) -> float:
     """Share of test patches whose IVF nearest bank entry is the exact nearest one."""
+    import numpy as np
     import torch
 
     from patchcore.intake import read_image
     from patchcore.search import NearestNeighbourIndex
 
     exact, approximate = NearestNeighbourIndex(model.memory_bank_, "exact"), NearestNeighbourIndex(model.memory_bank_, "ivf")
-    batch = torch.stack([model.layout_.image_to_tensor(read_image(p)) for p in paths])
+    batch = torch.from_numpy(np.stack([model.layout_.image_to_array(read_image(p)) for p in paths]))
     queries = torch.cat([model.patch_features_(chunk) for chunk in batch.split(8)]).reshape(-1, model.memory_bank_.shape[1])
     exact_distances, exact_ids = exact.search(queries)
     ivf_distances, ivf_ids = approximate.search(queries)
