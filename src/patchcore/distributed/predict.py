@@ -13,9 +13,10 @@ Design, one Ray Data pipeline per run:
   are on its disk, not necessarily on the workers'). Those tasks ask for no CPU, so an actor pool
   that holds every CPU cannot starve them (Ray Data then hangs with no error). URIs
   (``s3://``, ``gs://``, ``file://``, ...) are read by ``ray.data.read_binary_files`` on any node.
-* **Scoring.** An actor pool (``map_batches`` with a callable class) decodes each image
-  (``data.read_image_bytes``), prepares it (``data.prepare_image``) and scores the batch through
-  the library's one scoring path, ``predict_loaded`` (``PatchCore`` or ``runtime.ExportedModel``).
+* **Scoring.** An actor pool (``map_batches`` with a callable class) decodes and prepares each
+  image (``data.load_bytes``: the intake, then the input layout) and scores the batch through
+  the library's one scoring path, ``predict_loaded`` of "a model" (``scoring.ScoringModel``:
+  ``PatchCore`` or ``runtime.ExportedModel``, loaded by ``scoring.load_model``).
   A bad image becomes a record with its error, as locally. The actor renders the picture too and
   sends it back encoded, JPEG or PNG (encoding is much of a picture's cost).
 * **Results.** The driver receives one JSON record (and PNG) per image, in input order (Ray
