@@ -54,3 +54,22 @@ def files_of(path: str | Path) -> list[Path]:
     elif path.suffix.lower() == ".xml":
         files += [path.with_suffix(".bin"), path.with_suffix(".json")]
     return [file for file in files if file.is_file()]
+
+
+def model_metadata(settings: dict[str, Any], layout: Any, engine: str, device: str, index: str, format_version: int, newest_format_version: int) -> dict[str, Any]:
+    """What a server tells clients about a model, the same keys for every engine: how it runs
+    (``engine``, ``device``, ``index``), what it was fitted as (from its ``settings``), its input
+    layout (an ``InputLayout``) and the format of its file."""
+    return {
+        "engine": engine,
+        "device": device,
+        "index": index,
+        "backbone": settings["backbone"],
+        "layers": list(settings["layers"]),
+        "input": {**layout.to_dict(), "description": layout.describe()},
+        "memory_bank_shape": list(settings["memory_bank_shape"]),
+        "num_fit_images": settings["num_fit_images"],
+        "num_neighbors": settings["num_neighbors"],
+        "format_version": format_version,
+        "newest_format_version": newest_format_version,
+    }

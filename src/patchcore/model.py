@@ -33,7 +33,7 @@ from .fitting import (
     rgb8,
     stack_inputs,
 )
-from .formats import MODEL_FORMAT_VERSION
+from .formats import MODEL_FORMAT_VERSION, model_metadata
 from .intake import DEFAULT_MAX_IMAGE_PIXELS
 from .layout import InputLayout
 from .prediction import Prediction, predictions
@@ -307,19 +307,7 @@ class PatchCore:
     def metadata(self) -> dict[str, Any]:
         """What a server tells clients about the model (the same keys as ``ExportedModel.metadata``)."""
         self._check_fitted()
-        return {
-            "engine": "pytorch",
-            "device": str(self.device),
-            "index": self.index,
-            "backbone": self.backbone,
-            "layers": list(self.layers),
-            "input": {**self.layout_.to_dict(), "description": self.layout_.describe()},
-            "memory_bank_shape": list(self.memory_bank_.shape),
-            "num_fit_images": self.num_fit_images_,
-            "num_neighbors": self.num_neighbors,
-            "format_version": self.format_version_,
-            "newest_format_version": MODEL_FORMAT_VERSION,
-        }
+        return model_metadata(self.settings(), self.layout_, "pytorch", str(self.device), self.index, self.format_version_, MODEL_FORMAT_VERSION)
 
     @classmethod
     def load(

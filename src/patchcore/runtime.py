@@ -21,7 +21,7 @@ import numpy as np
 from .calibrate import Calibration
 from .data import LoadedImage, load_batches, same_size_runs
 from .errors import ModelFileError
-from .formats import EXPORT_FORMAT_VERSION, METADATA_KEY, check_format_version
+from .formats import EXPORT_FORMAT_VERSION, METADATA_KEY, check_format_version, model_metadata
 from .intake import DEFAULT_MAX_IMAGE_PIXELS
 from .layout import InputLayout
 from .prediction import Prediction, predictions
@@ -74,19 +74,7 @@ class ExportedModel:
 
     def metadata(self) -> dict[str, Any]:
         """What a server tells clients about the model (the same keys as ``PatchCore.metadata``)."""
-        return {
-            "engine": self.engine,
-            "device": "cpu",
-            "index": "exact, in the exported graph",
-            "backbone": self._settings["backbone"],
-            "layers": list(self._settings["layers"]),
-            "input": {**self.layout_.to_dict(), "description": self.layout_.describe()},
-            "memory_bank_shape": list(self._settings["memory_bank_shape"]),
-            "num_fit_images": self._settings["num_fit_images"],
-            "num_neighbors": self._settings["num_neighbors"],
-            "format_version": self.format_version,
-            "newest_format_version": EXPORT_FORMAT_VERSION,
-        }
+        return model_metadata(self._settings, self.layout_, self.engine, "cpu", "exact, in the exported graph", self.format_version, EXPORT_FORMAT_VERSION)
 
     def score(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Image scores (B,) and maps (B, h, w) of normalised float32 images (B, 3, h, w)."""
