@@ -9,11 +9,16 @@ Routes follow the KServe v2 protocol's conventions where it has one:
     GET  /v2/models/<name>                  what the model is: backbone, input, bank, thresholds, checksum   [API key]
     POST /v2/models/<name>/predict          images (multipart files, or one image as the raw body) -> results [API key]
     POST /v2/repository/models/<name>/load  reload the model file; a bad file leaves the old model serving  [admin token]
+    GET  /v2/models/<name>/decisions        the record: decisions, filtered and paged                  [API key]
+    GET  /v2/models/<name>/decisions/<id>   one decision, its reviews and kept image                     [API key]
+    POST /v2/models/<name>/decisions/<id>/review  false alarm or confirmed defect                         [API key]
+    GET  /v2/models/<name>/drift            the drift watch, per station                                 [API key]
     GET  /metrics                           Prometheus text
 
 The parts: ``routes/`` (health and metrics, the model and scoring, the model repository),
 ``holder.py`` (the model: load, warm-up, reload, what clients are told), ``uploads.py`` (one
-image: header, decoding, record), ``state.py`` (what the routes share), ``metrics.py``.
+image: header, decoding, record), ``recording.py`` (the inspection record: decisions, kept
+images, drift), ``state.py`` (what the routes share), ``metrics.py``.
 The guards live in modules of their own, in the order a request meets them: ``protocol.py``
 (connections, slow headers), ``origin.py`` (Host and Origin), ``access.py`` (API keys, admin
 token), ``requests.py`` (the body's size and time), ``budget.py`` (memory, before decoding).
@@ -41,7 +46,8 @@ from .access import AccessRules
 from .limits import ServerLimits
 from .metrics import CountRequests
 from .origin import LOOPBACK_HOSTS, HostAndOriginGuard
-from .routes import admin, health, models
+from ..record.recorder import Recorder
+from .routes import admin, health, models, record
 from .state import ServerState, error_response
 
 PAGE = Path(__file__).parent / "page"
@@ -57,6 +63,7 @@ def create_app(
     allowed_hosts: Sequence[str] = LOOPBACK_HOSTS,
     reload_on_sighup: bool = False,
     on_load_failure: Callable[[str], None] | None = None,
+    recorder: Recorder | None = None,
 ) -> FastAPI:
     """The ASGI app serving the model at ``model_path`` under ``name`` (default: the file's stem).
 
@@ -65,11 +72,13 @@ def create_app(
     called (the command line uses it to stop with the message). ``reload_on_sighup`` makes
     SIGHUP reload the file, like the reload route; only where the app runs on the main thread.
     ``limits`` (:class:`ServerLimits`), ``access`` (:class:`AccessRules`: keys and admin token)
-    and ``allowed_hosts`` (the Host names answered; ``"*"`` for any) guard it.
+    and ``allowed_hosts`` (the Host names answered; ``"*"`` for any) guard it. ``recorder``
+    (:class:`patchcore.record.recorder.Recorder`, opened by the caller; None: no record) keeps
+    every decision; the app closes it when it stops.
     """
     model_path = Path(model_path)
     access = access or AccessRules()
-    state = ServerState(model_path, name or model_path.stem, device, limits or ServerLimits(), access)
+    state = ServerState(model_path, name or model_path.stem, device, limits or ServerLimits(), access, recorder)
 
     async def first_load() -> None:
         loaded, message = await state.reload()
@@ -113,6 +122,6 @@ def create_app(
         return FileResponse(PAGE / "index.html", headers={"Cache-Control": "no-cache"})
 
     app.mount("/page", StaticFiles(directory=PAGE), name="page")
-    for router in (health.router, models.router, admin.router):
+    for router in (health.router, models.router, record.router, admin.router):
         app.include_router(router)
     return app

@@ -9,6 +9,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 if TYPE_CHECKING:
     from .holder import ServedModel
 
+#: the drift watch's figures exported per station (``DriftStatus.to_dict()`` keys), and what each is
+DRIFT_GAUGES = {
+    "flag_rate": "Share of the window's decisions flagged anomalous",
+    "expected_flag_rate": "The flag rate the model's calibration expects on good parts",
+    "flag_rate_p_value": "One-sided binomial test of the window's flag rate against the calibration's interval",
+    "score_shift_p_value": "Test of the window's scores against the calibration's good scores",
+    "alarm": "1 while the drift watch raises an alarm",
+    "decisions": "Decisions in the drift watch's window",
+}
+
 #: the media type of :meth:`ServerMetrics.text`
 METRICS_MEDIA_TYPE = CONTENT_TYPE_LATEST
 
@@ -35,12 +45,24 @@ class ServerMetrics:
         self.refusals = Counter("patchcore_admission_refusals", "Requests refused for room: busy (503) or never fits (413)", ["reason"], registry=self.registry)
         self.reloads = Counter("patchcore_model_reloads", "Model reloads, by result", ["result"], registry=self.registry)
         self.model = Info("patchcore_model", "The model being served", registry=self.registry)
+        self.recorded = Counter("patchcore_record_decisions", "Decisions committed to the record (or its spool)", registry=self.registry)
+        self.record_spooling = Gauge("patchcore_record_spooling", "1 while the record's database does not answer and decisions spool locally", registry=self.registry)
+        self.drift = {
+            key: Gauge(f"patchcore_drift_{key}", text, ["station"], registry=self.registry)
+            for key, text in DRIFT_GAUGES.items()
+        }
 
     def count_reload(self, loaded: bool, served: ServedModel | None) -> None:
         """A load or reload's result; after a good one, the model now served."""
         self.reloads.labels("ok" if loaded else "failed").inc()
         if loaded and served is not None:
             self.model.info({"file": served.path.name, "sha256": served.sha256, "backbone": served.metadata["backbone"], "loaded_at": served.loaded_at})
+
+    def publish_drift(self, station: str, status: dict[str, Any]) -> None:
+        """A station's drift status as gauges (NaN where a test has no figure yet)."""
+        for key, gauge in self.drift.items():
+            value = status.get(key)
+            gauge.labels(station).set(float("nan") if value is None else float(value))
 
     def text(self) -> bytes:
         """The metrics in Prometheus's text format."""

@@ -11,6 +11,7 @@ from typing import Sequence
 
 from ..intake import DECODE_BYTES_PER_PIXEL, ImageHeader, own_the_pixel_limit
 from ..layout import InputLayout
+from ..record.recorder import Recorder, RecordOptions
 from .access import AccessRules
 from .app import create_app
 from .budget import MB, image_cost, request_cap
@@ -25,10 +26,11 @@ KEEP_ALIVE_S = 5
 def serve(
     model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, *, name: str | None = None, device: str = "auto",
     limits: ServerLimits | None = None, access: AccessRules | None = None, allowed_hosts: Sequence[str] | None = None,
-    ssl_certfile: str | None = None, ssl_keyfile: str | None = None,
+    ssl_certfile: str | None = None, ssl_keyfile: str | None = None, record: RecordOptions | None = None,
 ) -> int:
     """Run the server until interrupted (the ``patchcore serve`` command). Returns the exit status:
-    2 when the model could not be loaded at start."""
+    2 when the model could not be loaded at start. ``record``: where decisions are kept
+    (:class:`RecordOptions`; None: no record)."""
     import uvicorn
 
     limits = limits or ServerLimits()
@@ -37,6 +39,7 @@ def serve(
     if (ssl_certfile is None) != (ssl_keyfile is None):
         raise ValueError("TLS needs both --ssl-certfile and --ssl-keyfile")
     own_the_pixel_limit()  # every image this process reads goes through the intake and its --max-image-pixels
+    recorder = Recorder(record) if record is not None else None  # an unusable record stops the start, with one line
     failure: list[str] = []
     server: uvicorn.Server | None = None
 
@@ -44,7 +47,10 @@ def serve(
         failure.append(message)
         server.should_exit = True
 
-    app = create_app(model_path, name=name, device=device, limits=limits, access=access, allowed_hosts=hosts, reload_on_sighup=True, on_load_failure=stop)
+    app = create_app(
+        model_path, name=name, device=device, limits=limits, access=access, allowed_hosts=hosts, reload_on_sighup=True, on_load_failure=stop,
+        recorder=recorder,
+    )
     config = uvicorn.Config(
         app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=5,
         http=guarded_protocol(limits.max_connections, limits.header_timeout_s),
@@ -54,7 +60,9 @@ def serve(
     )
     server = uvicorn.Server(config)
     scheme = "https" if ssl_certfile else "http"
-    for line in describe(model_path, scheme, host, port, limits, access, hosts):
+    lines = describe(model_path, scheme, host, port, limits, access, hosts)
+    lines.insert(1, recorder.describe() if recorder is not None else "record: off (decisions are not kept)")
+    for line in lines:
         print(f"patchcore serve: {line}", file=sys.stderr, flush=True)
     server.run()
     if failure:

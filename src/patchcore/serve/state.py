@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,12 +15,16 @@ from pathlib import Path
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
+from ..record.recorder import Recorder
+from ..record.writer import RecordUnavailableError
+
 from .access import AccessRules
 from .batching import MicroBatcher
 from .budget import MemoryBudget
 from .holder import ModelHolder, score
 from .limits import ServerLimits
 from .metrics import ServerMetrics
+from .recording import ServerRecord
 from .requests import DRAIN_FACTOR, drain
 
 #: seconds a client is asked to wait when the server is busy
@@ -42,7 +47,9 @@ class ServerState:
     """One app's shared parts. The scoring thread and the budget exist between :meth:`start` and
     :meth:`stop` (the app's lifespan)."""
 
-    def __init__(self, model_path: str | Path, model_name: str, device: str, limits: ServerLimits, access: AccessRules) -> None:
+    def __init__(
+        self, model_path: str | Path, model_name: str, device: str, limits: ServerLimits, access: AccessRules, recorder: Recorder | None = None
+    ) -> None:
         self.model_name = model_name
         self.limits, self.access = limits, access
         self.holder = ModelHolder(model_path, device, limits.max_batch, limits.max_image_pixels)
@@ -54,6 +61,10 @@ class ServerState:
         self.large_lane = ThreadPoolExecutor(max_workers=1, thread_name_prefix="patchcore-large", initializer=lower_priority)
         self.batcher: MicroBatcher | None = None
         self.budget: MemoryBudget | None = None
+        # the inspection record (None: --record off)
+        self.record = ServerRecord(recorder, model_name, self.metrics) if recorder is not None else None
+        if recorder is not None:
+            self.metrics.record_spooling.set_function(lambda: float(recorder.writer.spooling))
 
     def start(self) -> None:
         """Start the scoring thread and the budget (on the app's event loop)."""
@@ -69,10 +80,17 @@ class ServerState:
         await self.batcher.stop()
         self.pool.shutdown(wait=True)
         self.large_lane.shutdown(wait=True)
+        if self.record is not None:  # what is queued is written before the process ends
+            await asyncio.get_running_loop().run_in_executor(None, self.record.recorder.close)
 
     async def reload(self) -> tuple[bool, str]:
         """Load the model file again (see :meth:`ModelHolder.reload`), counted in the metrics."""
         loaded, message = await self.holder.reload(self.batcher.run_exclusive, self.pool)
+        if loaded and self.record is not None:
+            try:
+                await self.record.on_model(self.holder.served, self.pool)
+            except RecordUnavailableError as error:  # its decisions will be refused (503) until the record writes again
+                print(f"patchcore serve: {error}", file=sys.stderr, flush=True)
         self.metrics.count_reload(loaded, self.holder.served)
         return loaded, message
 

@@ -15,6 +15,11 @@
   const CAPTION_PX = 24;
   /** where the API key is kept: this tab's sessionStorage only (never a URL, localStorage or a cookie) */
   const KEY_STORE = "patchcore-api-key";
+  /** the reviewer's name where the server has no API keys: asked once, kept in localStorage */
+  const REVIEWER_STORE = "patchcore-reviewer";
+  /** decisions a history page, and how often the drift watch is asked */
+  const HISTORY_PAGE = 50;
+  const DRIFT_EVERY_S = 30;
 
   const $ = (selector, root = document) => root.querySelector(selector);
   const el = {
@@ -54,6 +59,50 @@
     keyInput: $("#key-input"),
     keyButton: $("#key-button"),
     keyError: $("#key-error"),
+    inspectView: $("#inspect-view"),
+    historyView: $("#history-view"),
+    tabInspect: $("#tab-inspect"),
+    tabHistory: $("#tab-history"),
+    driftBanner: $("#drift-banner"),
+    driftList: $("#drift-list"),
+    driftChecked: $("#drift-checked"),
+    historyFilters: $("#history-filters"),
+    filterDecision: $("#filter-decision"),
+    filterReviewed: $("#filter-reviewed"),
+    filterStation: $("#filter-station"),
+    filterPart: $("#filter-part"),
+    filterSince: $("#filter-since"),
+    filterUntil: $("#filter-until"),
+    historyRefresh: $("#history-refresh"),
+    historyError: $("#history-error"),
+    historyBody: $("#history-table tbody"),
+    historyEmpty: $("#history-empty"),
+    historyRange: $("#history-range"),
+    historyNewer: $("#history-newer"),
+    historyOlder: $("#history-older"),
+    decisionPanel: $("#decision-panel"),
+    decisionError: $("#decision-error"),
+    decisionBody: $("#decision-body"),
+    decisionFrame: $("#decision-frame"),
+    decisionPicture: $("#decision-picture"),
+    decisionRegions: $("#decision-regions"),
+    decisionNoPicture: $("#decision-no-picture"),
+    decisionFile: $("#decision-file"),
+    decisionBadge: $("#decision-badge"),
+    decisionFacts: $("#decision-facts"),
+    decisionReviews: $("#decision-reviews"),
+    decisionNoReviews: $("#decision-no-reviews"),
+    decisionClose: $("#decision-close"),
+    reviewForm: $("#review-form"),
+    reviewerAsk: $("#reviewer-ask"),
+    reviewerInput: $("#reviewer-input"),
+    reviewerKnown: $("#reviewer-known"),
+    reviewerName: $("#reviewer-name"),
+    reviewerChange: $("#reviewer-change"),
+    reviewerKey: $("#reviewer-key"),
+    reviewNote: $("#review-note"),
+    reviewButtons: Array.from(document.querySelectorAll("#review-form button[data-verdict]")),
+    reviewError: $("#review-error"),
   };
 
   const state = {
@@ -73,6 +122,17 @@
     csvUrl: null,
     apiKey: storedKey(), // sent as "Authorization: Bearer KEY" to /v2/models/...
     keyWanted: false, // the key form is up: nothing is sent until a key is accepted
+    keysRequired: false, // the server has API keys: a review is signed with the key's name
+    record: true, // the server keeps a decision record (GET /v2 "record"; false with --record off)
+    view: "inspect",
+    watching: false, // the drift poll and the history routes are started (after the first connect)
+    history: { offset: 0, total: 0, rows: [], loaded: false, seq: 0 },
+    openId: null, // the decision shown in the history's detail panel
+    reviewing: false,
+    reviewer: "", // the reviewer's name where localStorage is off
+    // the drift watch's poll: asking (an answer in flight), again (ask once more after it), off
+    // (the server has none), said (what the banner says now, as JSON)
+    drift: { asking: false, again: false, off: false, timer: null, said: "[]" },
   };
 
   // ---------------------------------------------------------------------------------------------
@@ -127,7 +187,7 @@
   /** fetch() on /v2/models/NAME + path, with the key when there is one; a 401 asks for a key */
   async function modelFetch(path, options) {
     const key = state.apiKey;
-    const headers = key ? { Authorization: `Bearer ${key}` } : {};
+    const headers = { ...((options && options.headers) || {}), ...(key ? { Authorization: `Bearer ${key}` } : {}) };
     const reply = await fetch(`/v2/models/${encodeURIComponent(state.name)}${path}`, { ...options, headers });
     if (reply.status === 401 && key === state.apiKey) {
       // (a 401 for a key replaced meanwhile is stale: the caller tries again with the new one)
@@ -164,6 +224,9 @@
       try {
         const server = await (await fetch("/v2", { cache: "no-store" })).json();
         state.name = server.models[0];
+        state.keysRequired = Boolean(server.api_key_required);
+        state.record = server.record !== false; // GET /v2 says whether decisions are kept (--record off: false)
+        showRecordAvailability();
         if (server.api_key_required && !state.apiKey) return askForKey("");
         const reply = await modelFetch("", { cache: "no-store" });
         if (reply.status === 401) return; // the key form is up; "Use key" connects again
@@ -172,6 +235,7 @@
           keyAccepted();
           showModel(body);
           pump();
+          startWatching();
           return;
         }
         setStatus("loading", body.error || "loading");
@@ -330,6 +394,7 @@
       if (body && Array.isArray(body.results) && body.results.length === group.length) {
         if (body.model_version && body.model_version !== state.meta.versions[0]) refreshModel();
         group.forEach((entry, i) => finish(entry, body.results[i], body.model_version));
+        afterScoring();
         return;
       }
       if (reply.status === 413 && group.length > 1) {
@@ -580,6 +645,15 @@
       });
       const toggle = $(".view-toggle", card);
       toggle.addEventListener("click", () => toggleOriginal(entry, toggle));
+      const link = $(".history-link", card);
+      if (record.decision_id) {
+        // the server's record of this decision: where it is reviewed
+        link.href = `#decision/${encodeURIComponent(record.decision_id)}`;
+        link.hidden = false;
+        link.title = `decision ${record.decision_id}`;
+      } else {
+        link.remove();
+      }
     }
     el.cards.append(card);
   }
@@ -716,7 +790,7 @@
   }
 
   function buildCsv() {
-    const lines = [["order", "file", "score", "normalized_score", "threshold", "decision", "regions", "model_version", "error"].join(",")];
+    const lines = [["order", "file", "score", "normalized_score", "threshold", "decision", "regions", "model_version", "error", "decision_id"].join(",")];
     const number = (x) => csvField(x);
     const text = (x) => csvField(x, true);
     for (const entry of state.entries) {
@@ -724,6 +798,7 @@
       lines.push([
         number(entry.order), text(entry.name), number(r ? r.score : ""), number(r ? r.normalized_score : ""), number(state.threshold),
         text(DECISION_TEXT[decisionOf(entry)]), number(r ? r.regions.length : ""), text(entry.modelVersion), text(entry.error),
+        text(r ? r.decision_id : ""),
       ].join(","));
     }
     return lines.join("\r\n") + "\r\n";
@@ -732,6 +807,542 @@
   function updateCsvState() {
     el.exportCsv.setAttribute("aria-disabled", state.entries.length ? "false" : "true");
   }
+
+  // ---------------------------------------------------------------------------------------------
+  // The record: history of past decisions, one decision's picture and reviews, the drift banner.
+  // Everything the server sends (file names, notes, reasons, stations, parts) goes in as text.
+
+  const VERDICT_TEXT = { false_alarm: "False alarm", confirmed_defect: "Confirmed defect" };
+
+  function storedReviewer() {
+    try {
+      return localStorage.getItem(REVIEWER_STORE) || "";
+    } catch (error) {
+      return state.reviewer || "";
+    }
+  }
+
+  function storeReviewer(name) {
+    state.reviewer = name;
+    try {
+      localStorage.setItem(REVIEWER_STORE, name);
+    } catch (error) {
+      /* storage off: the name lives in this page only */
+    }
+  }
+
+  /** "2026-12-07 08:12:03" in the browser's time zone; the UTC text as it came when unreadable */
+  function recordTime(iso) {
+    const date = new Date(iso);
+    return isNaN(date) ? String(iso) : localTime(date);
+  }
+
+  function recordDecisionText(decision) {
+    return decision === "anomalous" ? "FAIL" : decision === "good" ? "PASS" : String(decision);
+  }
+
+  function recordDecisionClass(decision) {
+    return decision === "anomalous" ? "fail" : decision === "good" ? "pass" : "error";
+  }
+
+  /** the regions of a row: a list (as in the predict answer), or that list as JSON text */
+  function regionsOf(row) {
+    let regions = row.regions;
+    if (typeof regions === "string") {
+      try {
+        regions = JSON.parse(regions);
+      } catch (error) {
+        regions = [];
+      }
+    }
+    return Array.isArray(regions) ? regions : [];
+  }
+
+  function reviewText(review) {
+    if (!review) return "–";
+    const verdict = VERDICT_TEXT[review.verdict] || String(review.verdict);
+    return review.reviewer ? `${verdict} · ${review.reviewer}` : verdict;
+  }
+
+  async function errorOf(reply) {
+    const body = await reply.json().catch(() => null);
+    return (body && (typeof body.error === "string" ? body.error : body.detail && JSON.stringify(body.detail))) || `the server answered HTTP ${reply.status}`;
+  }
+
+  function showRecordAvailability() {
+    el.tabHistory.hidden = !state.record;
+    if (!state.record) {
+      el.driftBanner.hidden = true;
+      if (state.view === "history") showView("inspect");
+    }
+  }
+
+  // ---- views: #inspect, #history, #decision/ID ----
+
+  function showView(view) {
+    state.view = view;
+    el.inspectView.hidden = view !== "inspect";
+    el.historyView.hidden = view !== "history";
+    for (const [tab, name] of [[el.tabInspect, "inspect"], [el.tabHistory, "history"]]) {
+      if (view === name) tab.setAttribute("aria-current", "page");
+      else tab.removeAttribute("aria-current");
+    }
+    if (view === "inspect") drawStrip(); // its width was 0 while hidden
+  }
+
+  function route() {
+    let hash = location.hash.replace(/^#/, "");
+    try {
+      hash = decodeURIComponent(hash);
+    } catch (error) {
+      /* a hand-typed address that is not percent-encoded: taken as it is */
+    }
+    const opened = /^decision\/(.+)$/.exec(hash);
+    if ((hash === "history" || opened) && state.record) {
+      showView("history");
+      if (!state.watching) return; // connect() routes again once the model is there
+      loadHistory();
+      if (opened) openDecision(opened[1]);
+      else closeDecision();
+    } else {
+      showView("inspect");
+    }
+  }
+
+  /** after the first successful connect (and each accepted key): the drift watch and the view the address names */
+  function startWatching() {
+    state.watching = true;
+    pollDrift();
+    route();
+  }
+
+  function afterScoring() {
+    // a batch was just answered (so the server is there): the drift watch has new decisions,
+    // and an open history's first page its new rows
+    pollDrift();
+    if (state.view === "history" && state.history.offset === 0) loadHistory();
+  }
+
+  // ---- the list ----
+
+  function historyQuery() {
+    const query = new URLSearchParams();
+    const put = (key, value) => {
+      if (value) query.set(key, value);
+    };
+    put("decision", el.filterDecision.value);
+    put("reviewed", el.filterReviewed.value);
+    put("station", el.filterStation.value.trim());
+    put("part", el.filterPart.value.trim());
+    // datetime-local is the browser's local time; the record's times are UTC
+    for (const [key, input] of [["since", el.filterSince], ["until", el.filterUntil]]) {
+      const date = input.value ? new Date(input.value) : null;
+      if (date && !isNaN(date)) query.set(key, date.toISOString());
+    }
+    query.set("limit", String(HISTORY_PAGE));
+    query.set("offset", String(state.history.offset));
+    return query;
+  }
+
+  async function loadHistory() {
+    if (!state.name || state.keyWanted || !state.record) return;
+    const seq = ++state.history.seq; // only the latest request's answer is shown
+    el.historyRefresh.disabled = true;
+    let reply;
+    try {
+      reply = await modelFetch(`/decisions?${historyQuery()}`, { cache: "no-store" });
+    } catch (error) {
+      if (seq === state.history.seq) showHistoryError(`could not reach the server (${error.message})`);
+      return;
+    } finally {
+      if (seq === state.history.seq) el.historyRefresh.disabled = false;
+    }
+    if (seq !== state.history.seq) return;
+    if (reply.status === 401) return; // the key form is up; an accepted key routes again
+    if (!reply.ok) {
+      showHistoryError(await errorOf(reply));
+      return;
+    }
+    const body = await reply.json();
+    if (seq !== state.history.seq) return;
+    el.historyError.hidden = true;
+    state.history.loaded = true;
+    state.history.rows = body.decisions || [];
+    state.history.total = body.total != null ? body.total : state.history.rows.length;
+    if (state.history.rows.length === 0 && state.history.offset > 0 && state.history.total > 0) {
+      // the page went past the end (rows were pruned): back to the first
+      state.history.offset = 0;
+      loadHistory();
+      return;
+    }
+    showHistory();
+  }
+
+  function showHistoryError(message) {
+    el.historyError.hidden = false;
+    el.historyError.textContent = `The history could not be read: ${message}`;
+  }
+
+  function showHistory() {
+    const { rows, total, offset } = state.history;
+    el.historyBody.replaceChildren(...rows.map(historyRow));
+    el.historyEmpty.hidden = rows.length > 0;
+    el.historyEmpty.textContent = "No decisions match these filters.";
+    el.historyRange.textContent = rows.length ? `${grouped(offset + 1)}–${grouped(offset + rows.length)} of ${grouped(total)}` : `0 of ${grouped(total)}`;
+    el.historyNewer.disabled = offset === 0;
+    el.historyOlder.disabled = offset + rows.length >= total;
+  }
+
+  function historyRow(row) {
+    const tr = document.createElement("tr");
+    tr.dataset.id = row.id;
+    const href = `#decision/${encodeURIComponent(row.id)}`;
+    const cells = [
+      [recordTime(row.time), "time", row.time],
+      [row.station == null ? "–" : String(row.station), "station"],
+      [row.part == null ? "–" : String(row.part), "part"],
+      [row.file_name == null ? "(no file name)" : String(row.file_name), "name"],
+      [row.score == null ? "–" : f2(row.score), "num"],
+      ["", "decision-cell"],
+      [reviewText(row.review), "review"],
+    ];
+    for (const [text, cls, title] of cells) {
+      const td = document.createElement("td");
+      td.className = cls;
+      if (cls === "name") {
+        // the keyboard's and a screen reader's way in: a link per row (the row itself is a mouse target)
+        const link = document.createElement("a");
+        link.href = href;
+        link.textContent = text;
+        td.append(link);
+      } else {
+        td.textContent = text;
+      }
+      if (title) td.title = title;
+      tr.append(td);
+    }
+    const badge = document.createElement("span");
+    badge.className = `decision ${recordDecisionClass(row.decision)}`;
+    badge.textContent = recordDecisionText(row.decision);
+    tr.children[5].append(badge);
+    if (row.review) tr.children[6].classList.add(`verdict-${row.review.verdict}`);
+    tr.addEventListener("click", (event) => {
+      if (!event.target.closest("a")) location.hash = href;
+    });
+    if (row.id === state.openId) {
+      tr.classList.add("selected");
+      tr.querySelector("td.name a").setAttribute("aria-current", "true");
+    }
+    return tr;
+  }
+
+  function markSelectedRow() {
+    for (const tr of el.historyBody.children) {
+      const open = tr.dataset.id === state.openId;
+      tr.classList.toggle("selected", open);
+      const link = tr.querySelector("td.name a");
+      if (open) link.setAttribute("aria-current", "true");
+      else link.removeAttribute("aria-current");
+    }
+  }
+
+  // ---- one decision ----
+
+  async function openDecision(id, { scroll = true } = {}) {
+    state.openId = id;
+    markSelectedRow();
+    el.decisionPanel.hidden = false;
+    let reply;
+    try {
+      reply = await modelFetch(`/decisions/${encodeURIComponent(id)}`, { cache: "no-store" });
+    } catch (error) {
+      if (state.openId === id) showDecisionError(`could not reach the server (${error.message})`);
+      return;
+    }
+    if (state.openId !== id || reply.status === 401) return;
+    if (!reply.ok) {
+      showDecisionError(reply.status === 404 ? `no decision ${id} in this server's record` : await errorOf(reply));
+      return;
+    }
+    const row = await reply.json();
+    if (state.openId !== id) return;
+    showRecordedDecision(row);
+    if (scroll) {
+      el.decisionPanel.scrollIntoView({ behavior: "smooth", block: "start" });
+      el.decisionPanel.focus({ preventScroll: true });
+    }
+  }
+
+  function closeDecision() {
+    state.openId = null;
+    el.decisionPanel.hidden = true;
+    markSelectedRow();
+  }
+
+  function showDecisionError(message) {
+    el.decisionError.hidden = false;
+    el.decisionError.textContent = message;
+    el.decisionBody.hidden = true;
+  }
+
+  function showRecordedDecision(row) {
+    el.decisionError.hidden = true;
+    el.decisionBody.hidden = false;
+    el.decisionPanel.dataset.id = row.id;
+    const name = row.file_name == null ? "(no file name)" : String(row.file_name);
+    el.decisionFile.textContent = name;
+    el.decisionFile.title = name;
+    el.decisionBadge.className = `badge ${recordDecisionClass(row.decision)}`;
+    el.decisionBadge.textContent = recordDecisionText(row.decision);
+
+    // the kept picture, the regions outlined in the image's own pixels
+    const regions = regionsOf(row);
+    const w = row.width;
+    const h = row.height;
+    el.decisionRegions.replaceChildren();
+    if (row.picture) {
+      el.decisionFrame.hidden = false;
+      el.decisionNoPicture.hidden = true;
+      if (w && h) el.decisionFrame.style.aspectRatio = `${w} / ${h}`;
+      el.decisionPicture.src = row.picture;
+      el.decisionPicture.alt = `${name} as kept${regions.length ? ", the defect regions outlined" : ""}`;
+      if (w && h) {
+        el.decisionRegions.setAttribute("viewBox", `0 0 ${w} ${h}`);
+        for (const region of regions) {
+          if (!Array.isArray(region.polygon)) continue;
+          const polygon = document.createElementNS(SVG_NS, "polygon");
+          polygon.setAttribute("class", "region-outline");
+          polygon.setAttribute("points", region.polygon.map(([px, py]) => `${Number(px)},${Number(py)}`).join(" "));
+          el.decisionRegions.append(polygon);
+        }
+      }
+    } else {
+      el.decisionFrame.hidden = true;
+      el.decisionPicture.removeAttribute("src");
+      el.decisionNoPicture.hidden = false;
+      el.decisionNoPicture.textContent = "image not kept";
+    }
+
+    const sha = (text) => (text ? String(text).slice(0, 12) : "–");
+    const facts = [
+      ["Time", recordTime(row.time), row.time],
+      ["Station", row.station == null ? "–" : String(row.station)],
+      ["Part", row.part == null ? "–" : String(row.part)],
+      ["Score", row.score == null ? "–" : `${f3(row.score)} / threshold ${f3(row.threshold)}`],
+      ["Normalized", row.normalized_score == null ? "–" : f2(row.normalized_score)],
+      ["Regions", String(regions.length)],
+      ["Image", w && h ? `${w} × ${h} px` : "–"],
+      ["Image checksum", sha(row.image_sha256), row.image_sha256],
+      ["Model", `${row.model_name == null ? "–" : row.model_name} · ${sha(row.model_sha256)}`, row.model_sha256],
+      ["Decision rule", row.decision_rule == null ? "–" : String(row.decision_rule)],
+      ["Engine", row.engine == null ? "–" : String(row.engine)],
+      ["Latency", row.latency_ms == null ? "–" : `${Number(row.latency_ms).toFixed(1)} ms`],
+      ["Decision id", String(row.id)],
+    ];
+    el.decisionFacts.replaceChildren();
+    for (const [term, value, title] of facts) {
+      const dt = document.createElement("dt");
+      dt.textContent = term;
+      const dd = document.createElement("dd");
+      dd.textContent = value;
+      dd.dataset.fact = term.toLowerCase().replace(/[^a-z]+/g, "-");
+      if (title) dd.title = String(title);
+      el.decisionFacts.append(dt, dd);
+    }
+
+    // reviews, oldest first; the last one is the decision's review
+    const reviews = Array.isArray(row.reviews) ? row.reviews : row.review ? [row.review] : [];
+    el.decisionReviews.replaceChildren();
+    reviews.forEach((review, i) => {
+      const item = document.createElement("li");
+      item.className = `review verdict-${review.verdict}`;
+      if (i === reviews.length - 1) item.classList.add("current");
+      const verdict = document.createElement("strong");
+      verdict.className = "verdict";
+      verdict.textContent = VERDICT_TEXT[review.verdict] || String(review.verdict);
+      const who = document.createElement("span");
+      who.className = "reviewer";
+      who.textContent = ` by ${review.reviewer == null ? "–" : review.reviewer}, ${recordTime(review.time)}`;
+      item.append(verdict, who);
+      if (i < reviews.length - 1) item.title = "superseded by a later review";
+      if (review.note) {
+        const note = document.createElement("p");
+        note.className = "note";
+        note.textContent = String(review.note);
+        item.append(note);
+      }
+      el.decisionReviews.append(item);
+    });
+    el.decisionNoReviews.hidden = reviews.length > 0;
+    el.reviewError.hidden = true;
+    showReviewer();
+
+    // the list's row shows the latest review too
+    const latest = reviews.length ? reviews[reviews.length - 1] : null;
+    const index = state.history.rows.findIndex((r) => r.id === row.id);
+    if (index >= 0) {
+      state.history.rows[index] = { ...state.history.rows[index], review: latest };
+      const old = el.historyBody.querySelector(`tr[data-id="${CSS.escape(row.id)}"]`);
+      if (old) old.replaceWith(historyRow(state.history.rows[index]));
+    }
+  }
+
+  // ---- reviewing ----
+
+  /** who signs a review: the API key's name (the server knows it), or a name asked once and kept */
+  function showReviewer(editing = false) {
+    const name = storedReviewer();
+    el.reviewerKey.hidden = !state.keysRequired;
+    el.reviewerKnown.hidden = state.keysRequired || !name || editing;
+    el.reviewerAsk.hidden = state.keysRequired || (Boolean(name) && !editing);
+    el.reviewerName.textContent = name;
+    if (!el.reviewerAsk.hidden && !el.reviewerInput.value) el.reviewerInput.value = name;
+  }
+
+  async function review(verdict) {
+    const id = state.openId;
+    if (!id || state.reviewing) return;
+    const body = { verdict, note: el.reviewNote.value.trim() };
+    if (!state.keysRequired) {
+      const name = el.reviewerAsk.hidden ? storedReviewer() : el.reviewerInput.value.trim();
+      if (!name) {
+        showReviewer(true);
+        el.reviewError.hidden = false;
+        el.reviewError.textContent = "Enter your name first: each review is signed.";
+        el.reviewerInput.focus();
+        return;
+      }
+      body.reviewer = name;
+    }
+    state.reviewing = true;
+    for (const button of el.reviewButtons) button.disabled = true;
+    try {
+      const reply = await modelFetch(`/decisions/${encodeURIComponent(id)}/review`, {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify(body),
+      });
+      if (reply.status === 401) return; // the key form is up
+      if (reply.status !== 201 && !reply.ok) {
+        el.reviewError.hidden = false;
+        el.reviewError.textContent = `The review was not stored: ${await errorOf(reply)}`;
+        return;
+      }
+      if (body.reviewer) storeReviewer(body.reviewer);
+      el.reviewNote.value = "";
+      el.reviewerInput.value = "";
+      if (state.openId === id) await openDecision(id, { scroll: false });
+    } catch (error) {
+      el.reviewError.hidden = false;
+      el.reviewError.textContent = `The review was not stored: could not reach the server (${error.message})`;
+    } finally {
+      state.reviewing = false;
+      for (const button of el.reviewButtons) button.disabled = false;
+    }
+  }
+
+  // ---- drift ----
+
+  /** asks the drift watch now (or right after the answer in flight), then again DRIFT_EVERY_S later */
+  async function pollDrift() {
+    if (!state.name || state.keyWanted || !state.record || state.drift.off) return;
+    if (state.drift.asking) {
+      state.drift.again = true; // decisions came meanwhile: ask once more when this answer is in
+      return;
+    }
+    clearTimeout(state.drift.timer);
+    state.drift.asking = true;
+    let body = null;
+    try {
+      const reply = await modelFetch("/drift", { cache: "no-store" });
+      if (reply.status === 404) state.drift.off = true; // this server has no drift watch
+      else if (reply.ok) body = await reply.json().catch(() => null);
+    } catch (error) {
+      /* the status pill says when the server is away; the next poll tries again */
+    } finally {
+      state.drift.asking = false;
+    }
+    if (state.drift.off) el.driftBanner.hidden = true;
+    if (body) showDrift(body);
+    if (state.drift.off) return;
+    if (state.drift.again) {
+      state.drift.again = false;
+      pollDrift();
+    } else {
+      state.drift.timer = setTimeout(pollDrift, DRIFT_EVERY_S * 1000);
+    }
+  }
+
+  function showDrift(body) {
+    if (body.record === false) {
+      // started with --record off: no history to show, no drift to watch
+      state.record = false;
+      showRecordAvailability();
+      return;
+    }
+    const stations = body.stations && typeof body.stations === "object" ? body.stations : {};
+    const alarming = Object.entries(stations).filter(([, status]) => status && status.alarm);
+    const lines = alarming.map(([station, status]) => [String(station), status.reason == null ? "the drift watch raised an alarm" : String(status.reason)]);
+    // the banner is an alert: redrawn only when what it says changes, so that a screen reader
+    // announces a new alarm once, not every poll
+    const said = JSON.stringify(lines);
+    if (said === state.drift.said) return;
+    state.drift.said = said;
+    el.driftBanner.hidden = lines.length === 0;
+    el.driftList.replaceChildren();
+    for (const [station, reason] of lines) {
+      const item = document.createElement("li");
+      item.dataset.station = station;
+      const where = document.createElement("strong");
+      where.textContent = `${station}: `;
+      item.append(where, reason);
+      el.driftList.append(item);
+    }
+    el.driftChecked.textContent = lines.length ? `since ${localTime(new Date())}` : "";
+  }
+
+  // ---- wiring ----
+
+  window.addEventListener("hashchange", route);
+  el.historyFilters.addEventListener("submit", (event) => {
+    event.preventDefault();
+    state.history.offset = 0;
+    loadHistory();
+  });
+  el.historyFilters.addEventListener("reset", () => {
+    setTimeout(() => {
+      state.history.offset = 0;
+      loadHistory();
+    }); // after the form has cleared its fields
+  });
+  for (const input of [el.filterDecision, el.filterReviewed, el.filterStation, el.filterPart, el.filterSince, el.filterUntil]) {
+    input.addEventListener("change", () => {
+      state.history.offset = 0;
+      loadHistory();
+    });
+  }
+  el.historyRefresh.addEventListener("click", () => {
+    loadHistory();
+    if (state.openId) openDecision(state.openId, { scroll: false });
+  });
+  el.historyNewer.addEventListener("click", () => {
+    state.history.offset = Math.max(0, state.history.offset - HISTORY_PAGE);
+    loadHistory();
+  });
+  el.historyOlder.addEventListener("click", () => {
+    state.history.offset += HISTORY_PAGE;
+    loadHistory();
+  });
+  el.decisionClose.addEventListener("click", () => {
+    location.hash = "#history";
+  });
+  for (const button of el.reviewButtons) button.addEventListener("click", () => review(button.dataset.verdict));
+  el.reviewForm.addEventListener("submit", (event) => event.preventDefault());
+  el.reviewerChange.addEventListener("click", () => {
+    showReviewer(true);
+    el.reviewerInput.focus();
+    el.reviewerInput.select();
+  });
 
   // ---------------------------------------------------------------------------------------------
   // Wiring
@@ -831,5 +1442,6 @@
   if (typeof ResizeObserver === "function") new ResizeObserver(() => drawStrip()).observe(el.strip);
 
   applyFilter();
+  route();
   connect();
 })();

@@ -30,7 +30,7 @@ async def ready(state: ServerState = Depends(server_state)) -> JSONResponse:
 async def server_metadata(state: ServerState = Depends(server_state)) -> dict:
     return {
         "name": "patchcore", "version": __version__, "extensions": ["model_repository"], "models": [state.model_name],
-        "api_key_required": bool(state.access.api_keys),
+        "api_key_required": bool(state.access.api_keys), "record": state.record is not None,
     }
 
 

@@ -14,7 +14,9 @@ import time
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
+from ...errors import BadInputError
 from ...intake import accepted_formats_text
+from ...record.writer import RecordUnavailableError
 from ...render import picture_format as canonical_picture_format
 from ..access import require_api_key
 from ..batching import QueueFullError
@@ -22,7 +24,8 @@ from ..budget import PICTURE_MAX_SIDE, BudgetBusyError, NeverFitsError, Reservat
 from ..holder import ServedModel
 from ..requests import RequestError, declared_length, read_body, uploads
 from ..state import LARGE_LANE_BYTES, RETRY_AFTER_SECONDS, ServerState, error_response, server_state
-from ..uploads import REFUSAL_OUTCOMES, check_headers, decode_upload, record
+from ..recording import digests
+from ..uploads import REFUSAL_OUTCOMES, check_headers, decode_upload, record as record_of
 
 #: a body's reservation: the body, and the copies of its files that parsing makes
 BODY_COPIES = 2
@@ -61,9 +64,11 @@ async def model_ready(requested: str, state: ServerState = Depends(server_state)
 @router.post("/v2/models/{requested}/predict", dependencies=[Depends(require_api_key)])
 async def predict(
     requested: str, request: Request, picture: bool = False, picture_format: str = "jpeg", filename: str = "image",
-    state: ServerState = Depends(server_state),
+    station: str | None = None, part: str | None = None, state: ServerState = Depends(server_state),
 ) -> JSONResponse:
-    """Images (multipart files, or one image as the raw body) -> one result each."""
+    """Images (multipart files, or one image as the raw body) -> one result each. With the
+    record on, each result carries its ``decision_id``; ``station`` (default: the server's
+    --station) and ``part`` (a serial number, a tray position) are kept with it."""
     started = time.perf_counter()
     reservation = Reservation()
     try:
@@ -71,10 +76,13 @@ async def predict(
             return await state.drained(request, refusal)
         try:
             format_name = canonical_picture_format(picture_format)
+            where = (state.record.station_of(station), state.record.part_of(part)) if state.record is not None else None
+        except BadInputError as error:  # a ValueError too: first
+            answer = await state.drained(request, error_response(422, str(error)))
         except ValueError:
             answer = await state.drained(request, error_response(422, f"picture_format must be jpeg (or jpg) or png, got {picture_format!r}"))
         else:
-            answer = await _predict(state, request, reservation, state.holder.served, picture, format_name, filename)
+            answer = await _predict(state, request, reservation, state.holder.served, picture, format_name, filename, where, started)
     except RequestError as error:
         # after a 408 the rest of the body may still be on its way: the connection is not reused
         answer = error_response(error.status, error.message, headers={"Connection": "close"} if error.status == 408 else None)
@@ -84,6 +92,8 @@ async def predict(
             f"request needs {error.args[0] / 2**20:.0f} MB of memory to decode, score and answer, more than one request may hold "
             f"({state.budget.per_request / 2**20:.0f} MB, --max-request-memory-mb); send fewer or smaller images per request"
         ))
+    except RecordUnavailableError as error:
+        answer = error_response(503, f"scored, but the decision could not be recorded: {error}", headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
     except (BudgetBusyError, QueueFullError) as error:
         state.metrics.refusals.labels("busy").inc()
         text = str(error) if isinstance(error, QueueFullError) else "the server is busy with other requests (its memory budget is in use); retry shortly"
@@ -95,7 +105,8 @@ async def predict(
 
 
 async def _predict(
-    state: ServerState, request: Request, reservation: Reservation, served: ServedModel, picture: bool, format_name: str, filename: str
+    state: ServerState, request: Request, reservation: Reservation, served: ServedModel, picture: bool, format_name: str, filename: str,
+    where: tuple[str, str | None] | None, started: float,
 ) -> JSONResponse:
     loop = asyncio.get_running_loop()
     limits, budget, batcher, metrics = state.limits, state.budget, state.batcher, state.metrics
@@ -115,6 +126,8 @@ async def _predict(
         raise RequestError(413, f"request has {len(files)} images, more than the queue holds ({limits.max_queue}, --max-queue); send fewer per request")
     # Each image's header, then the room to decode them all, then the decoding.
     headers = await loop.run_in_executor(state.pool, check_headers, files, served, limits)  # one trip to the pool for them all
+    record = state.record
+    fingerprints = await loop.run_in_executor(state.pool, digests, files) if record is not None else None
     await budget.grow(reservation, sum(image_cost(h, served.model.layout_, served.metadata["backbone"], picture) for h, _ in headers if h is not None))
     readable = sum(h is not None for h, _ in headers)
     batcher.check_room(readable)  # refuse before paying for the decoding
@@ -123,7 +136,11 @@ async def _predict(
         loop.run_in_executor(lane, decode_upload, name, data, served, picture, limits.max_image_pixels) if header is not None else _as_result(refusal)
         for (name, data), (header, refusal) in zip(files, headers)
     ))
+    # the bytes stay only while an image may be kept (their memory is reserved for the whole request)
+    kept_files = files if record is not None and record.recorder.images is not None else None
     files = None
+    rows: list[dict] = []
+    kept_rows: list[dict] = []
     waiting = iter(batcher.submit([(served, item) for item, status in loaded if item.error is None]))  # others may have filled it meanwhile
     results, statuses = [], []
     for item, status in loaded:
@@ -135,11 +152,22 @@ async def _predict(
         prediction = await next(waiting)
         item.rgb = item.array = None
         # One image's full-size map at a time: the record is built and the map let go.
-        results.append(await loop.run_in_executor(lane, record, prediction, picture, format_name))
+        results.append(await loop.run_in_executor(lane, record_of, prediction, picture, format_name))
         del prediction
+        if record is not None:
+            position = len(results) - 1
+            kept = kept_files is not None and record.recorder.wants_image(results[-1]["is_anomalous"])
+            if kept:
+                kept_rows.append(await loop.run_in_executor(lane, record.recorder.keep_image, kept_files[position][1], fingerprints[position], headers[position][0].format))
+            row = record.row(results[-1], served, where[0], where[1], fingerprints[position], str(item.path), 1000 * (time.perf_counter() - started), kept)
+            results[-1]["decision_id"] = row["id"]
+            rows.append(row)
         metrics.images.labels("scored").inc()
         metrics.anomalies.inc(int(results[-1]["is_anomalous"]))
         statuses.append(200)
+    if record is not None:
+        await record.commit(rows, kept_rows, served)  # the answer goes out once its decisions are on disk
+        metrics.recorded.inc(len(rows))
     status = 200 if 200 in statuses else statuses[0]
     reply = {"model_name": state.model_name, "model_version": served.sha256[:12], "results": results}
     if status != 200:
