@@ -104,18 +104,65 @@ def _add_ray_options(parser: argparse.ArgumentParser, ray_help: str, actors_help
     cluster.add_argument("--ray-actors", type=int, metavar="N", help=actors_help)
 
 
+def _add_record_options(parser: argparse.ArgumentParser, server: bool) -> None:
+    record = parser.add_argument_group("the inspection record (docs: the record)")
+    if server:
+        record.add_argument(
+            "--record", metavar="URL", help="where every decision is kept: a SQLite file or URL, or postgresql+psycopg://USER@HOST/DB for several servers; "
+            "'off' keeps none (default: $XDG_STATE_HOME/patchcore/record.sqlite, i.e. ~/.local/state/patchcore/record.sqlite)",
+        )
+        record.add_argument("--station", help="the station (camera, line) decisions are made at; a request's ?station= overrides it (default: this machine's name)")
+    else:
+        record.add_argument("--record", metavar="URL", help="also keep each decision in this record (a SQLite file or URL, or a PostgreSQL URL)")
+        record.add_argument("--station", help="the station the decisions are kept under (default: this machine's name)")
+    record.add_argument("--keep-images", choices=["none", "flagged", "all"], default="none", help="keep the images themselves too: of flagged decisions, or all (default: %(default)s)")
+    record.add_argument("--keep-dir", metavar="DIR", help="folder of kept images (default: beside a SQLite record, RECORD.images; needed for a PostgreSQL record)")
+    record.add_argument("--keep-max-gb", type=float, default=10.0, metavar="GB", help="most the kept images may take; the oldest unreviewed go first, a reviewed one never (default: %(default)s)")
+    record.add_argument("--keep-days", type=float, metavar="DAYS", help="remove decisions older than this (never reviewed ones, unless --prune-reviewed; default: keep all)")
+    record.add_argument("--prune-reviewed", action="store_true", help="let --keep-days remove reviewed decisions and their reviews too")
+    record.add_argument("--record-spool", metavar="FILE", help="a PostgreSQL record's local spool, where decisions wait while the database does not answer (default: in $XDG_STATE_HOME/patchcore)")
+    record.add_argument("--record-offline-ok", action="store_true", help="start even if the record's database does not answer, spooling decisions until it does (default: stop with an error)")
+
+
+def _record_options(args: argparse.Namespace):
+    """The record's options from the command line; None when there is to be no record."""
+    from .record.recorder import RecordOptions
+
+    location = args.record
+    if location is None and args.command != "serve":
+        return None
+    if location is not None and location.strip().lower() == "off":
+        return None
+    return RecordOptions(
+        location=location, station=args.station, keep_images=args.keep_images, keep_dir=args.keep_dir, keep_max_gb=args.keep_max_gb,
+        keep_days=args.keep_days, prune_reviewed=args.prune_reviewed, spool=args.record_spool, offline_ok=args.record_offline_ok,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="patchcore", description="Find and outline defects after learning only from good images (PatchCore).")
     parser.add_argument("--version", action="version", version=f"patchcore {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     fit = commands.add_parser("fit", help="fit a model on good images")
-    fit.add_argument("data", help="an MVTec-layout category folder (uses train/good) or any folder of good images")
+    fit.add_argument("data", nargs="?", help="an MVTec-layout category folder (uses train/good) or any folder of good images (optional with --update --from-record)")
     fit.add_argument("--out", required=True, metavar="MODEL", help="model file to write (.safetensors)")
     fit.add_argument(
         "--update", action="store_true",
         help="add DATA's good images to the existing model MODEL (its settings are kept; the model options here are ignored) instead of fitting a new one",
     )
+    feedback = fit.add_argument_group("feedback from the inspection record (with --update)")
+    feedback.add_argument(
+        "--from-record", metavar="URL",
+        help="also add the kept images of decisions reviewed as false alarms in this record (a SQLite file or URL, or a PostgreSQL URL): "
+        "the latest review counts, an image any decision's latest review calls a confirmed defect never goes in, and an image the model already passes is skipped",
+    )
+    feedback.add_argument(
+        "--model-name", metavar="NAME",
+        help="the model's name in the record: its decisions, of every version of the file, are the ones read (default: MODEL's file stem, "
+        "the name serve gives without --name and predict --record gives)",
+    )
+    feedback.add_argument("--keep-dir", metavar="DIR", help="the record's kept images (default: beside a SQLite record, RECORD.images; needed for a PostgreSQL record)")
     _add_fit_options(fit)
     _add_run_options(fit)
     _add_ray_options(
@@ -149,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--no-pictures", action="store_true", help="skip the heat-map pictures")
     predict.add_argument("--picture-format", type=_picture_format, default="jpg", metavar="{jpg,jpeg,png}", help="format of the pictures: jpg or jpeg (quality 90; default) or png (lossless, about 7x larger and slower to write)")
     _add_run_options(predict)
+    _add_record_options(predict, server=False)
     _add_ray_options(
         predict, "score on Ray: alone (after the PATHs, or as --ray=), on a new local Ray instance; with the address of a cluster's head "
         "(HOST:PORT), on that cluster. PATHs may then also be URIs Ray Data reads (s3://..., gs://...)",
@@ -187,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="answer a request refused for its content (400, 401, 413, 415, 422, nothing scored) after this, so that a client repeating it "
         "back to back cannot keep the server busy; 0 answers at once (default: %(default)s)",
     )
+    _add_record_options(serve, server=True)
     guard = serve.add_argument_group("access")
     guard.add_argument("--admin-token-file", metavar="FILE", help="allow reloading over HTTP with this token (Authorization: Bearer TOKEN); also $PATCHCORE_ADMIN_TOKEN. Default: reload by SIGHUP only")
     guard.add_argument("--api-key-file", metavar="FILE", help="scoring and model metadata need an API key: one 'NAME KEY' pair a line (default: open)")
@@ -197,6 +246,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     guard.add_argument("--ssl-certfile", metavar="FILE", help="serve HTTPS with this certificate (PEM), with --ssl-keyfile")
     guard.add_argument("--ssl-keyfile", metavar="FILE", help="the certificate's private key (PEM)")
+
+    record = commands.add_parser("record", help="read the inspection record: decisions as CSV, JSON lines or Parquet")
+    record.add_argument("url", metavar="URL", help="the record: a SQLite file or URL, or a PostgreSQL URL")
+    record.add_argument("--model", metavar="NAME", help="decisions of this model only (its served name)")
+    record.add_argument("--since", metavar="TIME", help="from this UTC date or time on (ISO-8601, e.g. 2026-12-01 or 2026-12-01T22:00)")
+    record.add_argument("--until", metavar="TIME", help="before this UTC date or time")
+    record.add_argument("--decision", choices=["anomalous", "good"])
+    record.add_argument("--station")
+    record.add_argument("--part")
+    record.add_argument("--reviewed", choices=["yes", "no", "false_alarm", "confirmed_defect"], help="by review: any, none, or the latest review's verdict")
+    record.add_argument("--format", choices=["csv", "jsonl", "parquet"], default="csv", help="(default: %(default)s; CSV cells a spreadsheet would run as formulas are written as text)")
+    record.add_argument("--out", metavar="FILE", help="file to write (default: standard output; Parquet needs a file)")
+
+    drift = commands.add_parser("drift", help="the drift watch from the record: flag rate and score shift per model and station (exit status 3 on an alarm)")
+    drift.add_argument("url", metavar="URL", help="the record: a SQLite file or URL, or a PostgreSQL URL")
+    drift.add_argument("--model", metavar="NAME", help="this model only (default: every model's latest version)")
+    drift.add_argument("--station", help="this station only")
 
     bench = commands.add_parser("benchmark", help="fit and test every category under an MVTec AD root; write the seed's tables")
     bench.add_argument("root", help="MVTec AD root (a folder of category folders)")
@@ -290,10 +356,17 @@ def _update(args: argparse.Namespace, out: Path) -> None:
 
     if not out.is_file():
         raise BadInputError(f"'{out}': no model to update (fit one first, without --update)")
-    images = training_images(args.data)
+    images = training_images(args.data) if args.data is not None else []
+    feedback = _reviewed_false_alarms(args, out) if args.from_record is not None else None
     model = PatchCore.load(out, device=args.device, batch_size=args.batch_size, index=args.index, progress=not args.quiet, max_image_pixels=args.max_image_pixels)
     model.temp_dir = args.temp_dir
-    before = model.memory_bank_.shape[0]
+    reviewed = [] if feedback is None else _still_flagged(model, feedback, out)
+    if feedback is not None and not reviewed and not images:
+        # nothing to correct is no failure (a nightly run after the reviews were all taken in)
+        _log(f"the model already passes every reviewed false alarm ({len(feedback.images)}): nothing to add; {out} unchanged")
+        return
+    images = list(images) + reviewed
+    before, calibration = model.memory_bank_.shape[0], model.calibration_
     started = time.perf_counter()
     model.update(images)
     for message in model.skipped_:
@@ -304,6 +377,75 @@ def _update(args: argparse.Namespace, out: Path) -> None:
         f"{before} -> {model.memory_bank_.shape[0]} entries; {model.num_fit_images_} images in all; wrote {out}"
     )
     _log_calibration(model.calibration_)
+    if feedback is not None:
+        new = model.calibration_
+        passing = sum(1 for p in model.predict(reviewed) if p.error is None and not p.is_anomalous)
+        print(f"threshold {calibration.image_threshold:.6g} -> {new.image_threshold:.6g}")
+        print(f"expected false-alarm rate {_expected_rate(calibration)} -> {_expected_rate(new)}")
+        print(f"{passing} of {len(reviewed)} reviewed false alarms now pass (score below {new.image_threshold:.6g})")
+        print(f"memory bank {before} -> {model.memory_bank_.shape[0]} entries")
+
+
+def _reviewed_false_alarms(args: argparse.Namespace, out: Path):
+    """``--from-record``: the kept images reviewed as false alarms of the model (one-line errors
+    for a record that cannot be read or holds none)."""
+    from .record.feedback import reviewed_false_alarms
+    from .record.store import RecordStore, default_keep_dir
+
+    store = RecordStore.open(args.from_record, create=False)
+    name = args.model_name or out.stem
+    try:
+        keep_dir = args.keep_dir or default_keep_dir(store.url)
+        if keep_dir is None:
+            raise BadInputError(f"'{store.where}': --from-record with a database server's record needs --keep-dir (the folder its servers keep images in)")
+        feedback = reviewed_false_alarms(store, name, keep_dir)
+        names = sorted({model["name"] for model in store.models()})
+    finally:
+        store.close()
+    missing, defects = len(feedback.missing_decision_ids), len(feedback.defect_sha256s)
+    unkept = f"{missing} reviewed false alarms have no kept image in {keep_dir}; serve with --keep-images flagged (or give --keep-dir)"
+    left_out = f"left out {defects} images reviewed as false alarms that another decision's latest review calls a confirmed defect"
+    if not feedback.images:
+        if missing or defects:
+            reasons = [unkept] * bool(missing) + [left_out] * bool(defects)
+            raise BadInputError(f"'{store.where}': no reviewed false alarm of model '{name}' to add: {'; '.join(reasons)}")
+        raise BadInputError(
+            f"'{store.where}': no decision of model '{name}' reviewed as a false alarm (models in the record: {', '.join(names) or 'none'}; --model-name picks one)"
+        )
+    if missing:
+        _log(f"warning: {unkept}")
+    if defects:
+        _log(left_out)
+    _log(f"from {store.where}: {len(feedback.images)} images reviewed as false alarms of model '{name}' ({feedback.num_decisions} decisions)")
+    return feedback
+
+
+def _still_flagged(model, feedback, out: Path) -> list[Path]:
+    """The reviewed false alarms the model still flags: one it passes needs no correcting, and one
+    added by an earlier ``--from-record`` must not go in twice (a twin in the bank scores its
+    copy near 0, which would pull the threshold down)."""
+    paths = [image.path for image in feedback.images]
+    flagged, passing = [], 0
+    for prediction in model.predict(paths):
+        if prediction.error is not None:
+            _log(f"skipped {prediction.error}")
+        elif prediction.is_anomalous:
+            flagged.append(Path(prediction.source))
+        else:
+            passing += 1
+    if passing:
+        _log(f"{passing} of the {len(paths)} reviewed false alarms already pass {out.name} (score below {model.calibration_.image_threshold:.6g}): not added again")
+    return flagged
+
+
+def _expected_rate(calibration) -> str:
+    """The calibration's expected false-alarm rate and its interval, as its description states them."""
+    from .calibrate import INTERVAL_CONFIDENCE
+
+    if calibration.expected_false_alarm_rate is None:
+        return "unknown (model format 1)"
+    low, high = calibration.false_alarm_interval
+    return f"{calibration.expected_false_alarm_rate:.1%} ({INTERVAL_CONFIDENCE:.0%} interval {low:.1%} to {high:.1%})"
 
 
 def _test(model, args: argparse.Namespace, out: Path) -> dict:
@@ -319,6 +461,10 @@ def _test(model, args: argparse.Namespace, out: Path) -> dict:
 def run(args: argparse.Namespace) -> int:
     if args.command == "fit" and args.update and args.ray is not None:
         raise BadInputError("--update runs on this machine only: drop --ray")
+    if args.command == "fit" and args.from_record is not None and not args.update:
+        raise BadInputError("--from-record is an option of --update (it adds reviewed false alarms to an existing model)")
+    if args.command == "fit" and args.data is None and args.from_record is None:
+        raise BadInputError("fit needs DATA, the folder of good images (only fit --update --from-record URL may leave it out)")
     if args.command == "fit" and args.update:
         _update(args, Path(args.out))
     elif args.command == "fit":
@@ -338,6 +484,10 @@ def run(args: argparse.Namespace) -> int:
         return _serve(args)
     elif args.command == "export":
         return _export(args)
+    elif args.command == "record":
+        return _read_record(args)
+    elif args.command == "drift":
+        return _drift(args)
     elif args.command == "benchmark":
         from .benchmark import run_benchmark
 
@@ -410,8 +560,38 @@ def _serve(args: argparse.Namespace) -> int:
     access = AccessRules.from_files(args.admin_token_file, args.api_key_file)
     return serve(
         args.model, host=args.host, port=args.port, name=args.name, device=args.device, limits=limits, access=access,
-        allowed_hosts=args.allowed_hosts, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
+        allowed_hosts=args.allowed_hosts, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, record=_record_options(args),
     )
+
+
+def _read_record(args: argparse.Namespace) -> int:
+    from .record.export import write_decisions
+    from .record.store import RecordStore, parse_time
+
+    store = RecordStore.open(args.url, create=False)
+    filters = dict(
+        model_name=args.model, decision=args.decision, station=args.station, part=args.part, reviewed=args.reviewed,
+        since=parse_time(args.since, "--since") if args.since else None, until=parse_time(args.until, "--until") if args.until else None,
+    )
+    count = write_decisions(store.iter_decisions(**filters), args.format, args.out)
+    _log(f"{count} decisions" + (f"; wrote {args.out}" if args.out else ""))
+    return 0
+
+
+def _drift(args: argparse.Namespace) -> int:
+    from .record.monitor import drift_report
+    from .record.store import RecordStore
+
+    store = RecordStore.open(args.url, create=False)
+    report = drift_report(store, model_name=args.model, station=args.station)
+    if not report:
+        _log(f"no decisions in {store.where}" + (f" of model '{args.model}'" if args.model else "") + (f" at station '{args.station}'" if args.station else ""))
+        return 0
+    for entry in report:
+        status = entry["status"]
+        state = "ALARM" if status["alarm"] else "ok"
+        print(f"{entry['model_name']} ({entry['model_sha256'][:12]}) at {entry['station']}: {state}: {status['reason']}")
+    return 3 if any(entry["status"]["alarm"] for entry in report) else 0
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -428,10 +608,12 @@ def _predict(args: argparse.Namespace) -> int:
     if not paths:
         raise BadInputError(f"no files found in {', '.join(args.paths)}")
     names = _picture_names(paths, args.paths, args.picture_format)
+    options = _record_options(args)
+    recording = _PredictRecord(model, options, args) if options is not None else None
     with PictureWriter() as pictures:
         results = (
             (
-                prediction.to_record(),
+                prediction.to_record() if recording is None else recording.kept(prediction),
                 names.get(prediction.source),
                 None if args.no_pictures or prediction.error is not None else partial(
                     pictures.submit,
@@ -441,8 +623,58 @@ def _predict(args: argparse.Namespace) -> int:
             for prediction in model.iter_predictions(paths, keep_images=not args.no_pictures, threshold=args.threshold)
         )
         scored, failed = _write_predictions(out, results)
+    if recording is not None:
+        _log(recording.close())
     _log(f"scored {scored} images, skipped {failed}; wrote {out / 'predictions.jsonl'}")
     return 0 if scored else 2
+
+
+class _PredictRecord:
+    """``predict --record``: each decision kept in the record (and its image, as --keep-images
+    says), under the model file's stem as the model's name."""
+
+    def __init__(self, model, options, args: argparse.Namespace) -> None:
+        from .data import file_sha256
+        from .record.recorder import Recorder
+
+        self.recorder = Recorder(options)
+        self.model, self.name = model, Path(args.model).stem
+        self.sha256 = file_sha256(args.model)
+        self.rule = model.calibration_.describe() if args.threshold is None else f"raw-score threshold {args.threshold:g} (--threshold)"
+        self.engine = model.metadata()["engine"]
+        self.recorder.register(model, self.sha256, self.name).result()
+        self.pending = []
+
+    def kept(self, prediction) -> dict:
+        """The prediction's JSON record, with the id of its decision in the record."""
+        from .data import file_sha256
+        from .record.recorder import decision_row, new_decision_id
+
+        result = prediction.to_record()
+        if prediction.error is not None:
+            return result
+        source = Path(prediction.source)
+        digest = file_sha256(source)
+        images = []
+        if self.recorder.wants_image(prediction.is_anomalous):
+            from .intake import read_header
+
+            data = source.read_bytes()
+            images.append(self.recorder.keep_image(data, digest, read_header(data, str(source)).format))
+        row = decision_row(
+            result, decision_id=new_decision_id(), station=self.recorder.options.station, part=None, model_name=self.name,
+            model_sha256=self.sha256, engine=self.engine, decision_rule=self.rule, image_sha256=digest, file_name=str(source),
+            latency_ms=None, image_kept=bool(images),
+        )
+        self.pending.append(self.recorder.submit([row], images))
+        result["decision_id"] = row["id"]
+        return result
+
+    def close(self) -> str:
+        for future in self.pending:
+            future.result()
+        self.recorder.close()
+        return f"kept {len(self.pending)} decisions in {self.recorder.where}"
 
 
 def _write_predictions(out: Path, results) -> tuple[int, int]:
