@@ -408,6 +408,8 @@ def judge(key: str, response, latency: float, attempts: int, reference: dict[str
         return outcome
     expected = BAD_KINDS.get(key, 200)
     results = body.get("results") or []
+    # the decision ids a recording server gives (record_load.py finds them in its record)
+    outcome["decision_ids"] = [result.get("decision_id") for result in results if isinstance(result, dict)]
     if response.status_code != expected:
         outcome["problem"] = f"expected {expected}, got {response.status_code}: {str(body)[:200]}"
     elif expected != 200:
