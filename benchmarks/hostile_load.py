@@ -169,7 +169,9 @@ class Watchdog(threading.Thread):
 def start_server(model: Path, options: list[str], log: Path) -> tuple[subprocess.Popen, str, int]:
     port = free_port()
     command = [sys.executable, "-m", "patchcore.cli", "serve", str(model), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", *options]
-    process = subprocess.Popen(command, stdout=open(log, "w"), stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    # its decision record (on by default, as for a user) goes beside the log, not to the user's state folder
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1", "XDG_STATE_HOME": str(log.with_suffix(".state"))}
+    process = subprocess.Popen(command, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=environment)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:

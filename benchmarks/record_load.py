@@ -110,15 +110,7 @@ def one_run(name: str, round_number: int, model_file: Path, keys: list[str], war
     state = scratch / f"state_{name}_{round_number}"
     state.mkdir()
     options = list(CONFIGURATIONS[name])
-    previous = os.environ.get("XDG_STATE_HOME")
-    os.environ["XDG_STATE_HOME"] = str(state)  # the server's environment: its default record goes here
-    try:
-        server = Server(model_file, options, scratch / f"server_{name}_{round_number}.log")
-    finally:
-        if previous is None:
-            os.environ.pop("XDG_STATE_HOME")
-        else:
-            os.environ["XDG_STATE_HOME"] = previous
+    server = Server(model_file, options, scratch / f"server_{name}_{round_number}.log", state=state)  # its default record goes to state
     try:
         ready = server.wait_ready()
         warm = asyncio.run(load(server.url, model_file.stem, server.process.pid, warm_keys, bodies, reference, args.clients)) if warm_keys else None

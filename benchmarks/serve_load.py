@@ -280,16 +280,20 @@ def batch_figures(metrics: dict[str, float]) -> dict:
 
 
 class Server:
-    """`patchcore serve MODEL --port P --device cpu OPTIONS` in a subprocess."""
+    """`patchcore serve MODEL --port P --device cpu OPTIONS` in a subprocess. Its decision record
+    (on by default, as for a user) goes to ``state`` (its ``$XDG_STATE_HOME``; default: a folder
+    beside the log), never to the user's own state folder."""
 
-    def __init__(self, model_file: Path, options: list[str], log: Path) -> None:
+    def __init__(self, model_file: Path, options: list[str], log: Path, state: Path | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         self._handle = open(log, "w")  # noqa: SIM115 - open for the server's whole life, closed in stop()
         command = [sys.executable, "-m", "patchcore.cli", "serve", str(model_file), "--port", str(self.port), "--device", "cpu", *options]
         self.command = command
-        self.process = subprocess.Popen(command, stdout=self._handle, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.state = state or log.with_suffix(".state")
+        environment = {**os.environ, "PYTHONUNBUFFERED": "1", "XDG_STATE_HOME": str(self.state)}
+        self.process = subprocess.Popen(command, stdout=self._handle, stderr=subprocess.STDOUT, env=environment)
 
     def wait_ready(self, timeout: float = 120.0) -> float:
         import httpx
