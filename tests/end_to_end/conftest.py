@@ -10,7 +10,10 @@ from typing import Iterator
 
 import pytest
 
+from playwright.sync_api import Browser, sync_playwright
+
 from patchcore.cli import main
+from browser import launch
 from ray_cluster import LocalRayCluster
 from serving import RunningServer
 
@@ -52,3 +55,14 @@ def ray_cluster() -> Iterator[LocalRayCluster]:
     ``cluster.node_ids`` holds the head's node id, then the worker's."""
     with LocalRayCluster(nodes=2, cpus_per_node=2, object_store_bytes=100 * 2**20) as cluster:
         yield cluster
+
+
+@pytest.fixture
+def browser() -> Iterator[Browser]:
+    """A headless Chromium (browser.py), closed after the test."""
+    with sync_playwright() as playwright:
+        browser = launch(playwright)
+        try:
+            yield browser
+        finally:
+            browser.close()

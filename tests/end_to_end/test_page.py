@@ -24,14 +24,14 @@ from typing import Iterator
 import httpx
 from PIL import Image
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Page, expect, sync_playwright
+
+from browser import launch
 
 import serving
 from serving import RunningServer
 
 SCREENSHOT = os.environ.get("PATCHCORE_SCREENSHOT")
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
 KEY_STORE = "patchcore-api-key"  # page.js: the key's name in sessionStorage
 #: a plain number as JavaScript's String(number) writes it: no quote, no formula guard
 PLAIN_NUMBER = re.compile(r"^-?\d+(\.\d+)?(e[-+]\d+)?$")
@@ -52,16 +52,6 @@ def open_server(bottle_model_file, tmp_path_factory) -> Iterator[RunningServer]:
         yield server
     finally:
         server.stop()
-
-
-@pytest.fixture
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            yield browser
-        finally:
-            browser.close()
 
 
 def _watch(page: Page, problems: list[str]) -> None:
@@ -114,7 +104,7 @@ def test_page_uploads_scores_and_recuts(bottle_model_file, open_server, images, 
     problems: list[str] = []
     posts: list[str] = []
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        browser = launch(playwright)
         try:
             context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
             page = context.new_page()

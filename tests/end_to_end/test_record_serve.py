@@ -143,6 +143,13 @@ def test_flagged_images_are_kept_and_shown_and_reading_needs_a_key(bottle_model_
     # the reviewer is the key's name, whatever the body says
     review = httpx.post(f"{running.url}/v2/models/bottle/decisions/{results[0]['decision_id']}/review", headers=auth, json={"verdict": "false_alarm", "reviewer": "mallory"})
     assert review.status_code == 201 and review.json()["reviewer"] == "inspector-anna"
+    # Showing a kept image decodes it: paid from the memory budget like scoring, so a server whose
+    # requests may hold 2 MB answers the decision without its picture (a 900-px PNG needs more).
+    running.stop()
+    small = start_server(bottle_model_file, "--record", str(record), "--keep-images", "flagged", "--api-key-file", str(keys), "--max-request-memory-mb", "2")
+    one = httpx.get(f"{small.url}/v2/models/bottle/decisions/{results[0]['decision_id']}", headers=auth).json()
+    assert one["picture"] is None and "too large to show" in one["picture_error"], one.get("picture_error")
+    assert [r["reviewer"] for r in one["reviews"]] == ["inspector-anna"]
 
 
 def test_killing_the_server_under_load_loses_no_answered_decision(bottle_model_file, bottle_test, tmp_path, start_server):

@@ -9,16 +9,13 @@ from __future__ import annotations
 import io
 import secrets
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import pytest
 import sqlalchemy
 from PIL import Image, ImageEnhance
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
 REVIEWER_STORE = "patchcore-reviewer"  # page.js: the reviewer's name in localStorage
 #: a file name a careless page would run as HTML (names come from the network)
 HOSTILE = "<img src=x onerror=window.__pwned=1>.png"  # (no " in it: Chromium sends a " in a file name as %22)
@@ -28,16 +25,6 @@ DRIFT_TESTS_FROM = 50
 DIMMED_STATION = "line <b>2</b>"
 #: decisions on one page of the history (page.js HISTORY_PAGE)
 HISTORY_PAGE = 50
-
-
-@pytest.fixture
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            yield browser
-        finally:
-            browser.close()
 
 
 @pytest.fixture

@@ -7,19 +7,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from ...errors import BadInputError
-from ...intake import read_image_bytes
+from ...intake import ImageHeader, read_header, read_image_bytes
 from ...record.store import parse_time
 from ...render import shrink
 from ..access import require_api_key
-from ..budget import PICTURE_MAX_SIDE
+from ..budget import PICTURE_BYTES_PER_PIXEL, PICTURE_MAX_SIDE, BudgetBusyError, NeverFitsError, Reservation, picture_hw
 from ..requests import RequestError, read_body
-from ..state import ServerState, error_response, server_state
+from ..state import RETRY_AFTER_SECONDS, ServerState, error_response, server_state
 from ..uploads import data_url
 
 #: most decisions one page of the history holds
@@ -69,27 +71,50 @@ async def one_decision(requested: str, decision_id: str, state: ServerState = De
     """One decision of this model, its reviews, and its kept image's picture (or null)."""
     if (refusal := record_of(state, requested)) is not None:
         return refusal
-    row = await asyncio.get_running_loop().run_in_executor(state.pool, found_with_picture, state, decision_id)
-    if row is None:
+    loop = asyncio.get_running_loop()
+    found = await loop.run_in_executor(state.pool, decision_and_kept_file, state, decision_id)
+    if found is None:
         return error_response(404, f"no decision '{decision_id[:40]}' of model '{state.model_name}'")
+    row, kept, header = found
+    row["picture"] = None
+    if header is not None:
+        # Decoding a kept image for its picture is paid from the memory budget, like scoring one:
+        # many readers of a large kept image at once wait or are refused, never exhaust memory.
+        reservation = Reservation()
+        try:
+            picture = math.prod(picture_hw((header.height, header.width))) * PICTURE_BYTES_PER_PIXEL
+            await state.budget.grow(reservation, kept.stat().st_size + header.decode_bytes + picture)
+            row["picture"], row["picture_scale"] = await loop.run_in_executor(state.pool, kept_picture, kept, state.limits.max_image_pixels)
+        except BudgetBusyError:
+            return error_response(503, "the server is busy with other requests (its memory budget is in use); retry shortly", headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+        except NeverFitsError:
+            row["picture_error"] = "the kept image is too large to show within one request's memory (--max-request-memory-mb)"
+        except (BadInputError, OSError) as error:
+            row["picture_error"] = str(error)
+        finally:
+            state.budget.release(reservation)
     return JSONResponse(row)
 
 
-def found_with_picture(state: ServerState, decision_id: str) -> dict[str, Any] | None:
+def decision_and_kept_file(state: ServerState, decision_id: str) -> tuple[dict[str, Any], Path | None, ImageHeader | None] | None:
+    """The decision (None if it is not this model's), its kept file and that file's header."""
     recorder = state.record.recorder
     row = recorder.store.decision(decision_id)
     if row is None or row["model_name"] != state.model_name:
         return None
-    row["picture"] = None
     path = recorder.images.find(row["image_sha256"]) if row["image_kept"] and recorder.images is not None else None
-    if path is not None:
-        try:  # a kept file came from the network: decoded by the intake, under the server's pixel limit
-            rgb = read_image_bytes(path.read_bytes(), path.name, state.limits.max_image_pixels)
-            row["picture"] = data_url(shrink(rgb, PICTURE_MAX_SIDE), "jpeg")
-            row["picture_scale"] = min(1.0, PICTURE_MAX_SIDE / max(rgb.shape[:2]))
-        except (BadInputError, OSError):
-            row["picture"] = None
-    return row
+    try:
+        header = read_header(path, path.name, state.limits.max_image_pixels) if path is not None else None
+    except (BadInputError, OSError):
+        path = header = None
+    return row, path, header
+
+
+def kept_picture(path: Path, max_pixels: int) -> tuple[str, float]:
+    """A kept file (it came from the network: decoded by the intake, under the pixel limit) as a
+    JPEG data URL of at most PICTURE_MAX_SIDE px, and the scale it was shrunk by."""
+    rgb = read_image_bytes(path.read_bytes(), path.name, max_pixels)
+    return data_url(shrink(rgb, PICTURE_MAX_SIDE), "jpeg"), min(1.0, PICTURE_MAX_SIDE / max(rgb.shape[:2]))
 
 
 @router.post("/v2/models/{requested}/decisions/{decision_id}/review", status_code=201)
