@@ -126,13 +126,13 @@ def _add_record_options(parser: argparse.ArgumentParser, server: bool) -> None:
 
 def _record_options(args: argparse.Namespace):
     """The record's options from the command line; None when there is to be no record."""
-    from .record.recorder import RecordOptions
-
     location = args.record
     if location is None and args.command != "serve":
         return None
     if location is not None and location.strip().lower() == "off":
         return None
+    from .record.recorder import RecordOptions  # only now: an install that only predicts may lack the record's packages
+
     return RecordOptions(
         location=location, station=args.station, keep_images=args.keep_images, keep_dir=args.keep_dir, keep_max_gb=args.keep_max_gb,
         keep_days=args.keep_days, prune_reviewed=args.prune_reviewed, spool=args.record_spool, offline_ok=args.record_offline_ok,

@@ -216,7 +216,7 @@ def test_an_install_of_patchcore_runtime_has_no_torch_and_predicts_the_librarys_
 def test_the_runtime_install_with_the_server_serves_an_exported_model(runtime_venv, exported, bottle_model_file, images, expected, start_server, tmp_path):
     import httpx
 
-    done = subprocess.run([str(runtime_venv / "bin" / "python"), "-m", "pip", "--disable-pip-version-check", "-q", "install", "fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9", "prometheus-client>=0.20"], capture_output=True, text=True, timeout=600)
+    done = subprocess.run([str(runtime_venv / "bin" / "python"), "-m", "pip", "--disable-pip-version-check", "-q", "install", "fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9", "prometheus-client>=0.20", "sqlalchemy>=2.0", "alembic>=1.13"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     running = start_server(exported["onnx"], python=runtime_venv / "bin" / "python")
     files = [("file", (str(path), path.read_bytes(), "image/png")) for path in images]
