@@ -219,6 +219,20 @@
   // ---------------------------------------------------------------------------------------------
   // The model
 
+  /** A definition list of [term, value, title?] facts, as text (values may come from the network). */
+  function showFacts(list, facts) {
+    list.replaceChildren();
+    for (const [term, value, title] of facts) {
+      const dt = document.createElement("dt");
+      dt.textContent = term;
+      const dd = document.createElement("dd");
+      dd.textContent = value;
+      dd.dataset.fact = term.toLowerCase().replace(/[^a-z]+/g, "-");
+      if (title) dd.title = String(title);
+      list.append(dt, dd);
+    }
+  }
+
   async function connect() {
     for (;;) {
       try {
@@ -286,16 +300,7 @@
       ["Model file", pc.model_file.split(/[\\/]/).pop(), pc.model_file],
       ["Limits", `${meta.server.max_request_mb} MB a request, ${(meta.server.max_image_pixels / 1e6).toFixed(0)} MP an image`],
     ];
-    el.modelFacts.replaceChildren();
-    for (const [term, value, title] of facts) {
-      const dt = document.createElement("dt");
-      dt.textContent = term;
-      const dd = document.createElement("dd");
-      dd.textContent = value;
-      dd.dataset.fact = term.toLowerCase().replace(/[^a-z]+/g, "-");
-      if (title) dd.title = title;
-      el.modelFacts.append(dt, dd);
-    }
+    showFacts(el.modelFacts, facts);
     el.modelLoading.hidden = true;
     el.modelRule.hidden = false;
     el.modelRuleText.textContent = pc.decision_rule;
@@ -1139,16 +1144,7 @@
       ["Latency", row.latency_ms == null ? "–" : `${Number(row.latency_ms).toFixed(1)} ms`],
       ["Decision id", String(row.id)],
     ];
-    el.decisionFacts.replaceChildren();
-    for (const [term, value, title] of facts) {
-      const dt = document.createElement("dt");
-      dt.textContent = term;
-      const dd = document.createElement("dd");
-      dd.textContent = value;
-      dd.dataset.fact = term.toLowerCase().replace(/[^a-z]+/g, "-");
-      if (title) dd.title = String(title);
-      el.decisionFacts.append(dt, dd);
-    }
+    showFacts(el.decisionFacts, facts);
 
     // reviews, oldest first; the last one is the decision's review
     const reviews = Array.isArray(row.reviews) ? row.reviews : row.review ? [row.review] : [];
