@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import os
 import sys
@@ -18,6 +19,7 @@ from .calibrate import DEFAULT_FALSE_ALARM_RATE
 from .data import expand_paths, training_images
 from .errors import BadInputError, ClusterError, ModelFileError, WeightsError, is_missing_pytorch
 from .intake import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_SERVER_MAX_IMAGE_PIXELS, own_the_pixel_limit
+from .record.images import DEFAULT_KEEP_MAX_GB, KEEP_POLICIES  # (no database packages: the runtime install has none)
 from .render import picture_format
 
 
@@ -115,9 +117,9 @@ def _add_record_options(parser: argparse.ArgumentParser, server: bool) -> None:
     else:
         record.add_argument("--record", metavar="URL", help="also keep each decision in this record (a SQLite file or URL, or a PostgreSQL URL)")
         record.add_argument("--station", help="the station the decisions are kept under (default: this machine's name)")
-    record.add_argument("--keep-images", choices=["none", "flagged", "all"], default="none", help="keep the images themselves too: of flagged decisions, or all (default: %(default)s)")
+    record.add_argument("--keep-images", choices=KEEP_POLICIES, default="none", help="keep the images themselves too: of flagged decisions, or all (default: %(default)s)")
     record.add_argument("--keep-dir", metavar="DIR", help="folder of kept images (default: beside a SQLite record, RECORD.images; needed for a PostgreSQL record)")
-    record.add_argument("--keep-max-gb", type=float, default=10.0, metavar="GB", help="most the kept images may take; the oldest unreviewed go first, a reviewed one never (default: %(default)s)")
+    record.add_argument("--keep-max-gb", type=float, default=DEFAULT_KEEP_MAX_GB, metavar="GB", help="most the kept images may take; the oldest unreviewed go first, a reviewed one never (default: %(default)s)")
     record.add_argument("--keep-days", type=float, metavar="DAYS", help="remove decisions older than this (never reviewed ones, unless --prune-reviewed; default: keep all)")
     record.add_argument("--prune-reviewed", action="store_true", help="let --keep-days remove reviewed decisions and their reviews too")
     record.add_argument("--record-spool", metavar="FILE", help="a PostgreSQL record's local spool, where decisions wait while the database does not answer (default: in $XDG_STATE_HOME/patchcore)")
@@ -654,13 +656,15 @@ class _PredictRecord:
         if prediction.error is not None:
             return result
         source = Path(prediction.source)
-        digest = file_sha256(source)
         images = []
         if self.recorder.wants_image(prediction.is_anomalous):
             from .intake import read_header
 
-            data = source.read_bytes()
+            data = source.read_bytes()  # read once: its checksum and the kept copy
+            digest = hashlib.sha256(data).hexdigest()
             images.append(self.recorder.keep_image(data, digest, read_header(data, str(source)).format))
+        else:
+            digest = file_sha256(source)
         row = decision_row(
             result, decision_id=new_decision_id(), station=self.recorder.options.station, part=None, model_name=self.name,
             model_sha256=self.sha256, engine=self.engine, decision_rule=self.rule, image_sha256=digest, file_name=str(source),

@@ -11,6 +11,8 @@ from pathlib import Path
 
 #: what may be kept: the images of every decision, only of flagged ones, or none
 KEEP_POLICIES = ("none", "flagged", "all")
+#: ``--keep-max-gb``'s default
+DEFAULT_KEEP_MAX_GB = 10.0
 #: the suffix of each format the intake reads (Pillow's names)
 SUFFIXES = {"PNG": "png", "JPEG": "jpg", "MPO": "jpg", "BMP": "bmp", "TIFF": "tif", "WEBP": "webp"}
 

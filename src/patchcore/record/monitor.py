@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..calibrate import Calibration
-from .drift import DriftWatch
+from .drift import DEFAULT_WINDOW, DriftWatch
 from .store import RecordStore
 
 
@@ -21,7 +21,7 @@ def drift_report(store: RecordStore, model_name: str | None = None, station: str
         calibration = Calibration.from_dict(model["description"]["calibration"])
         stations = [station] if station is not None else store.stations(model["sha256"])
         for name in stations:
-            pairs = store.recent_scores(model["sha256"], name, DriftWatch(calibration).window)
+            pairs = store.recent_scores(model["sha256"], name, DEFAULT_WINDOW)
             if not pairs:
                 continue
             watch = DriftWatch.from_decisions(calibration, pairs)

@@ -17,13 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BadInputError
-from .images import KEEP_POLICIES, SUFFIXES, KeptImages
+from .images import DEFAULT_KEEP_MAX_GB, KEEP_POLICIES, SUFFIXES, KeptImages
 from .store import RecordStore, RecordUnreachableError, default_keep_dir, default_record_path, record_url, shown, sqlite_file, state_dir, utc_now
 from .writer import RecordWriter
-
-#: ``--keep-max-gb``'s default
-DEFAULT_KEEP_MAX_GB = 10.0
-
 
 @dataclass
 class RecordOptions:

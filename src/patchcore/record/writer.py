@@ -74,7 +74,7 @@ class RecordWriter:
         self.known_models: dict[str, dict] = {}  # every model row seen: spooled decisions need theirs
         self.spooling = False
         self.kept_bytes: int | None = None
-        self.committed = self.spooled = self.replayed = 0
+        self.replayed = 0  # spooled decisions moved to the database, for the log
         self.thread = threading.Thread(target=self.run, name="patchcore-record", daemon=True)
         self.last_replay = self.last_housekeeping = 0.0
         if store is None and spool is None:
@@ -103,10 +103,6 @@ class RecordWriter:
         for store in (self.store, self.spool):
             if store is not None:
                 store.close()
-
-    @property
-    def state(self) -> str:
-        return "spooling" if self.spooling else "writing"
 
     # --- the thread ------------------------------------------------------------------------
 
@@ -154,7 +150,6 @@ class RecordWriter:
                 self.log(f"'{self.store.where}' does not answer ({first_line(error)}); spooling decisions to {self.spool_path} until it does")
                 self.spooling = True
             else:
-                self.committed += len(decision_rows)
                 self.resolve(batches)
                 if image_rows:
                     self.enforce_cap(sum(row["nbytes"] for row in image_rows))
@@ -165,7 +160,6 @@ class RecordWriter:
             self.spool.write(list(self.known_models.values()), decision_rows, image_rows)
         except Exception as error:
             return self.fail(batches, f"cannot write to the spool '{self.spool_path}' ({first_line(error)})")
-        self.spooled += len(decision_rows)
         self.resolve(batches)
 
     @staticmethod

@@ -10,7 +10,7 @@ import hashlib
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any
 
-from ..record.drift import DriftWatch
+from ..record.drift import DEFAULT_WINDOW, DriftWatch
 from ..record.recorder import Recorder, check_label, decision_row, new_decision_id
 
 if TYPE_CHECKING:
@@ -50,8 +50,7 @@ class ServerRecord:
 
     def recent(self, sha256: str) -> dict[str, list[tuple[float, bool]]]:
         store = self.recorder.store
-        window = DriftWatch(self.calibration).window
-        return {station: store.recent_scores(sha256, station, window) for station in store.stations(sha256)}
+        return {station: store.recent_scores(sha256, station, DEFAULT_WINDOW) for station in store.stations(sha256)}
 
     def watch(self, station: str) -> DriftWatch:
         if station not in self.watches:

@@ -125,9 +125,12 @@ async def _predict(
     if len(files) > limits.max_queue:  # could never fit, however long the client waited
         raise RequestError(413, f"request has {len(files)} images, more than the queue holds ({limits.max_queue}, --max-queue); send fewer per request")
     # Each image's header, then the room to decode them all, then the decoding.
-    headers = await loop.run_in_executor(state.pool, check_headers, files, served, limits)  # one trip to the pool for them all
     record = state.record
-    fingerprints = await loop.run_in_executor(state.pool, digests, files) if record is not None else None
+
+    def headers_and_checksums() -> tuple[list, list[str] | None]:
+        return check_headers(files, served, limits), (digests(files) if record is not None else None)
+
+    headers, fingerprints = await loop.run_in_executor(state.pool, headers_and_checksums)  # one trip to the pool for them all
     await budget.grow(reservation, sum(image_cost(h, served.model.layout_, served.metadata["backbone"], picture) for h, _ in headers if h is not None))
     readable = sum(h is not None for h, _ in headers)
     batcher.check_room(readable)  # refuse before paying for the decoding
