@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from functools import partial
+from typing import Callable
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
@@ -154,15 +156,18 @@ async def _predict(
             continue
         prediction = await next(waiting)
         item.rgb = item.array = None
-        # One image's full-size map at a time: the record is built and the map let go.
-        results.append(await loop.run_in_executor(lane, record_of, prediction, picture, format_name))
+        position = len(results)
+        kept = kept_files is not None and record.recorder.wants_image(prediction.is_anomalous)
+        keep = partial(record.recorder.keep_image, kept_files[position][1], fingerprints[position], headers[position][0].format) if kept else None
+        # One image's full-size map at a time: the record is built and the map let go (and the
+        # image kept, where it is to be, in the same trip to the thread).
+        result, kept_row = await loop.run_in_executor(lane, answer_and_keep, prediction, picture, format_name, keep)
+        results.append(result)
         del prediction
+        if kept_row is not None:
+            kept_rows.append(kept_row)
         if record is not None:
-            position = len(results) - 1
-            kept = kept_files is not None and record.recorder.wants_image(results[-1]["is_anomalous"])
-            if kept:
-                kept_rows.append(await loop.run_in_executor(lane, record.recorder.keep_image, kept_files[position][1], fingerprints[position], headers[position][0].format))
-            row = record.row(results[-1], served, where[0], where[1], fingerprints[position], str(item.path), 1000 * (time.perf_counter() - started), kept)
+            row = record.row(result, served, where[0], where[1], fingerprints[position], str(item.path), 1000 * (time.perf_counter() - started), kept)
             results[-1]["decision_id"] = row["id"]
             rows.append(row)
         metrics.images.labels("scored").inc()
@@ -176,6 +181,11 @@ async def _predict(
     if status != 200:
         reply["error"] = results[0]["error"]
     return JSONResponse(reply, status_code=status)
+
+
+def answer_and_keep(prediction, picture: bool, format_name: str, keep: Callable[[], dict] | None) -> tuple[dict, dict | None]:
+    """A prediction's JSON record and, when its image is to be kept, the kept image's row."""
+    return record_of(prediction, picture, format_name), (keep() if keep is not None else None)
 
 
 async def _as_result(value: object) -> object:
