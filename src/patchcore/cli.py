@@ -71,6 +71,21 @@ def _add_fit_options(parser: argparse.ArgumentParser, single_backbone: bool = Tr
         "--temp-dir", metavar="DIR", help="folder for the training features while the fit runs, about 0.5 KB a patch with mobilenet_v2, 3 KB with wide_resnet50_2 (default: $TMPDIR or /tmp)"
     )
     _add_rate_option(group, f"expected share of good images flagged; the threshold is set from the training images scored leave-one-out (default: {DEFAULT_FALSE_ALARM_RATE})")
+    group.add_argument(
+        "--contamination", type=_contamination, metavar="{auto,off,FRACTION}",
+        help="defective images among the good ones: auto (default) sets aside the training images whose leave-one-out scores stand out as a defect's do; "
+        "FRACTION (e.g. 0.1) sets aside that share of the highest-scoring; off keeps them all. Set-aside images stay out of the memory bank and the threshold, "
+        "and are listed with a picture each beside the model (with --update: the model's own setting unless given)",
+    )
+
+
+def _contamination(text: str) -> str | float:
+    from .contamination import parse_contamination
+
+    try:
+        return parse_contamination(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _add_rate_option(group: argparse._ArgumentGroup, text: str, default: float | None = DEFAULT_FALSE_ALARM_RATE) -> None:
@@ -290,6 +305,7 @@ def _model_options(args: argparse.Namespace) -> dict:
         "num_neighbors": args.neighbors,
         "seed": args.seed,
         "false_alarm_rate": args.false_alarm_rate,
+        "contamination": "auto" if args.contamination is None else args.contamination,
         "device": args.device,
         "batch_size": args.batch_size,
         "index": args.index or "exact",
@@ -331,8 +347,48 @@ def _fit(args: argparse.Namespace, out: Path):
         f"fitted {model.num_fit_images_} images in {elapsed:.1f} s; memory bank {bank[0]} x {bank[1]}; input {model.layout_.describe()}; "
         f"temporary features {model.fit_disk_bytes_ / 1e9:.2f} GB on disk (removed); wrote {out}"
     )
+    _log_contamination(model, out)
     _log_calibration(model.calibration_, report)
     return model, elapsed
+
+
+def _log_contamination(model, out: Path) -> None:
+    """The check's line, and, when it found any, the report beside the model."""
+    check = model.contamination_
+    if check is None:
+        return
+    if check.suspects:
+        table, pictures = write_contamination_report(model, out.with_suffix(".set_aside.csv"), out.with_suffix(".set_aside"))
+        _log(f"{check.describe()}: each with its score and reason in {table}, a picture each in {pictures}{os.sep}")
+    else:
+        _log(check.describe())
+
+
+def write_contamination_report(model, table: Path, pictures: Path) -> tuple[Path, Path]:
+    """The training images the check set aside or listed, highest first, to ``table`` (CSV), and a
+    picture of each set-aside image scored by the model, its suspicious region outlined as
+    ``predict`` outlines defects, in ``pictures`` (a picture of an earlier update's image whose
+    file is gone is left out)."""
+    from .render import predict_picture, save_picture
+
+    suspects = sorted(model.contamination_.suspects, key=lambda suspect: -suspect.z)
+    paths = [s.path for s in suspects if s.set_aside and Path(s.path).is_file()]
+    names = _picture_names([Path(p) for p in paths], [str(Path(p).parent) for p in paths], "jpg")
+    pictures.mkdir(parents=True, exist_ok=True)
+    for stale in pictures.glob("*.jpg"):  # a refit's pictures replace the last one's
+        stale.unlink()
+    drawn = {}
+    for prediction in model.predict(paths, keep_images=True):
+        if prediction.error is None:
+            name = names[prediction.source]
+            save_picture(pictures / name, predict_picture(prediction.image, prediction.map_at, model.calibration_, prediction.score, prediction.is_anomalous))
+            drawn[prediction.source] = name
+    with open(table, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "leave_one_out_score", "robust_z", "set_aside", "reason", "picture"])
+        for s in suspects:
+            writer.writerow([s.path, f"{s.score:.6f}", f"{s.z:.2f}", int(s.set_aside), s.reason, drawn.get(s.path, "")])
+    return table, pictures
 
 
 def write_calibration_report(model, path: Path) -> Path:
@@ -362,22 +418,25 @@ def _update(args: argparse.Namespace, out: Path) -> None:
     feedback = _reviewed_false_alarms(args, out) if args.from_record is not None else None
     model = PatchCore.load(out, device=args.device, batch_size=args.batch_size, index=args.index, progress=not args.quiet, max_image_pixels=args.max_image_pixels)
     model.temp_dir = args.temp_dir
+    if args.contamination is not None:
+        model.contamination = args.contamination
     reviewed = [] if feedback is None else _still_flagged(model, feedback, out)
     if feedback is not None and not reviewed and not images:
         # nothing to correct is no failure (a nightly run after the reviews were all taken in)
         _log(f"the model already passes every reviewed false alarm ({len(feedback.images)}): nothing to add; {out} unchanged")
         return
     images = list(images) + reviewed
-    before, calibration = model.memory_bank_.shape[0], model.calibration_
+    before, calibration, fitted_before = model.memory_bank_.shape[0], model.calibration_, model.num_fit_images_
     started = time.perf_counter()
-    model.update(images)
+    model.update(images, trusted=reviewed)  # reviewed as good by a person: never set aside
     for message in model.skipped_:
         _log(f"skipped {message}")
     model.save(out)  # written to a temporary file, then renamed: the old model survives any failure
     _log(
-        f"added {len(images) - len(model.skipped_)} images in {time.perf_counter() - started:.1f} s; memory bank "
+        f"added {model.num_fit_images_ - fitted_before} images in {time.perf_counter() - started:.1f} s; memory bank "
         f"{before} -> {model.memory_bank_.shape[0]} entries; {model.num_fit_images_} images in all; wrote {out}"
     )
+    _log_contamination(model, out)
     _log_calibration(model.calibration_)
     if feedback is not None:
         new = model.calibration_

@@ -7,6 +7,10 @@ drive (paper, sections 3.1 to 3.2; the thresholds from ``calibrate.py``)::
     picks = pipeline.select_coreset(patches.points, bank_entries(len(patches.points), ratio, None))
     bank = patches.gather(picks)                         # the memory bank
     inputs = pipeline.leave_one_out(index, num_neighbors, patches, own_runs(picks.numpy(), patches.starts))
+    check = check_training_images(inputs.scores, inputs.sources, "auto")  # likely defective ones (contamination.py)
+    aside = set_aside_images(check, inputs)
+    picks = pipeline.select_coreset_without(patches.points, patches.starts, aside, size)  # the fit again without them
+    ...                                                  # its bank, and leave_one_out again for the others
     calibration = calibrate(*inputs.for_calibrate(), false_alarm_rate)
 
 A fit on Ray runs ``extract`` and ``left_out`` on its actors, each on its share of the images,
@@ -19,7 +23,7 @@ import math
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -27,6 +31,7 @@ from tqdm import tqdm
 
 from .backbones import load_pretrained_extractor
 from .calibrate import Calibration
+from .contamination import ContaminationCheck
 from .coreset import greedy_coreset, random_projection
 from .data import LoadedImage, load_batches, same_size_runs
 from .featurefile import FeatureFile
@@ -101,21 +106,22 @@ class LeftOut:
 @dataclass
 class CalibrationInputs:
     """What ``calibrate`` cuts the thresholds on: the left-out images' scores and map peaks, the
-    mean map value over them all, and the images' paths."""
+    mean map value over them all, the images' paths and their numbers among the training images."""
 
     scores: np.ndarray
     peaks: np.ndarray
     map_mean: float
     sources: list[str]
+    images: np.ndarray
 
     @classmethod
-    def of(cls, left_out: Sequence[LeftOut], sources: list[str]) -> "CalibrationInputs":
+    def of(cls, left_out: Sequence[LeftOut], sources: list[str], images: np.ndarray) -> "CalibrationInputs":
         """From each image's :class:`LeftOut`, the map's mean summed in order."""
         map_sum, map_pixels = 0.0, 0
         for result in left_out:
             map_sum += result.map_sum
             map_pixels += result.map_pixels
-        return cls(np.array([r.score for r in left_out]), np.array([r.map_peak for r in left_out]), map_sum / map_pixels, sources)
+        return cls(np.array([r.score for r in left_out]), np.array([r.map_peak for r in left_out]), map_sum / map_pixels, sources, np.asarray(images))
 
     def for_calibrate(self) -> tuple[np.ndarray, np.ndarray, float]:
         return self.scores, self.peaks, self.map_mean
@@ -133,6 +139,7 @@ class FittedState:
     num_fit_images: int
     calibration: Calibration
     calibration_sources: list[str]
+    contamination: ContaminationCheck
     skipped: list[str]
     fit_seconds: dict[str, float]
     fit_disk_bytes: int
@@ -247,6 +254,16 @@ class FitPipeline:
             picks = greedy_coreset(points, size, seed=self.options.seed, on_progress=bar.update, initial_centres=initial)
         return torch.sort(picks.cpu()).values
 
+    def select_coreset_without(
+        self, points: torch.Tensor, starts: np.ndarray, aside: np.ndarray, size_of: Callable[[int], int], bank: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Rows to keep, in increasing order, selected as :meth:`select_coreset` does on the patches
+        of every image but ``aside`` (their numbers): the coreset of a fit without those images.
+        ``size_of``: the bank's size for a number of patches."""
+        rows = rows_without(starts, aside)
+        picks = self.select_coreset(points[torch.from_numpy(rows).to(points.device)], size_of(len(rows)), bank)
+        return torch.from_numpy(rows[picks.numpy()])
+
     # -----------------------------------------------------------------------------------------
     # Leave-one-out scores for the thresholds
 
@@ -263,17 +280,19 @@ class FitPipeline:
         score, anomaly_map = score_patches(index, features, patches.input_sizes[image], num_neighbors, exclude=own)
         return LeftOut(float(score[0]), float(anomaly_map.max()), float(anomaly_map.sum(dtype=torch.float64)), anomaly_map.numel())
 
-    def leave_one_out(self, index: NearestNeighbourIndex, num_neighbors: int, patches: TrainingPatches, bank_starts: np.ndarray) -> CalibrationInputs:
+    def leave_one_out(
+        self, index: NearestNeighbourIndex, num_neighbors: int, patches: TrainingPatches, bank_starts: np.ndarray, images: np.ndarray | None = None
+    ) -> CalibrationInputs:
         """Each image scored against the bank without its own entries (image i's are
         ``bank[bank_starts[i]:bank_starts[i + 1]]``): what new good images would get. Beyond
-        :data:`CALIBRATION_IMAGES` images, a seeded sample of them."""
-        chosen = self.calibration_images(len(patches.sources))
+        :data:`CALIBRATION_IMAGES` images, a seeded sample of them; ``images``: these instead."""
+        chosen = self.calibration_images(len(patches.sources)) if images is None else images
         results = []
         with self.bar(len(chosen), "calibration") as bar:
             for image in chosen:
                 results.append(self.left_out(index, num_neighbors, patches, image, (int(bank_starts[image]), int(bank_starts[image + 1]))))
                 bar.update(1)
-        return CalibrationInputs.of(results, [patches.sources[i] for i in chosen])
+        return CalibrationInputs.of(results, [patches.sources[i] for i in chosen], chosen)
 
     # -----------------------------------------------------------------------------------------
 
@@ -298,6 +317,20 @@ def own_runs(picks: np.ndarray, starts: np.ndarray) -> np.ndarray:
     ``bank[runs[i]:runs[i + 1]]``.
     """
     return np.searchsorted(picks, starts)
+
+
+def set_aside_images(check: ContaminationCheck, inputs: CalibrationInputs) -> np.ndarray:
+    """The numbers of the training images the check sets aside, in increasing order."""
+    aside = set(check.set_aside_paths)
+    return np.array(sorted(int(image) for image, source in zip(inputs.images, inputs.sources) if source in aside), dtype=np.int64)
+
+
+def rows_without(starts: np.ndarray, images: np.ndarray) -> np.ndarray:
+    """The feature rows of every training image but ``images`` (numbers), in increasing order."""
+    keep = np.ones(int(starts[-1]), dtype=bool)
+    for image in images:
+        keep[int(starts[image]) : int(starts[image + 1])] = False
+    return np.flatnonzero(keep)
 
 
 def image_sizes(images: ImageInput, max_pixels: int | None) -> list[tuple[int, int]]:

@@ -2,7 +2,8 @@
 Anomaly Detection", CVPR 2022). The estimator people call; its fit runs the steps of ``fitting.py``.
 
     fit:      patch features of every good image -> memory bank -> greedy coreset -> index
-              + every good image scored without its own bank entries -> thresholds (calibrate.py)
+              + every good image scored without its own bank entries -> thresholds (calibrate.py),
+              after setting aside the images that score like defects (contamination.py)
     predict:  patch features -> distance to the nearest bank entry per patch
               -> anomaly map (upsample, blur) and image score (eq. 7)
 """
@@ -19,6 +20,7 @@ import torch
 from . import __version__
 from .backbones import build_feature_extractor, get_spec
 from .calibrate import DEFAULT_FALSE_ALARM_RATE, Calibration, calibrate
+from .contamination import DEFAULT_CONTAMINATION, ContaminationCheck, check_training_images, parse_contamination
 from .data import LoadedImage, same_size_runs
 from .errors import ModelFileError
 from .features import PatchFeatures
@@ -27,10 +29,13 @@ from .fitting import (
     FitOptions,
     FitPipeline,
     FittedState,
+    CalibrationInputs,
     ImageInput,
+    TrainingPatches,
     bank_entries,
     own_runs,
     rgb8,
+    set_aside_images,
     stack_inputs,
 )
 from .formats import MODEL_FORMAT_VERSION, model_metadata
@@ -82,6 +87,7 @@ class PatchCore:
         num_neighbors: int = 9,
         seed: int = 42,
         false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
+        contamination: str | float = DEFAULT_CONTAMINATION,
         device: str = "auto",
         batch_size: int = 8,
         weights: str | Path | None = None,
@@ -117,6 +123,7 @@ class PatchCore:
         self.num_neighbors = num_neighbors
         self.seed = seed
         self.false_alarm_rate = false_alarm_rate
+        self.contamination = parse_contamination(contamination)  # auto, off, or the share of defective images stated
         self.device = resolve_device(device)
         self.batch_size = batch_size
         self.weights = weights
@@ -128,12 +135,15 @@ class PatchCore:
     # -----------------------------------------------------------------------------------------
     # Fitting
 
-    def fit(self, images: ImageInput) -> "PatchCore":
+    def fit(self, images: ImageInput, trusted: Sequence[str | Path] = ()) -> "PatchCore":
         """Learn the memory bank from every good image, and the thresholds from the same images.
 
         Each training image is then scored against the bank with its own entries left out, so
         that it is an image the bank has not seen; the thresholds are cut on those scores at
-        ``false_alarm_rate`` (calibrate.py). Unreadable images are reported and skipped.
+        ``false_alarm_rate`` (calibrate.py). Images whose scores stand out as defects' do
+        (``contamination``, contamination.py) are set aside: the model is then the fit of the
+        others (``contamination_`` lists them). ``trusted``: paths reviewed as good, never set
+        aside. Unreadable images are reported and skipped.
         """
         clock = _PhaseClock()
         pipeline, sizes, weights_sha256 = FitPipeline.begin(self.backbone, self.layers, self.weights, self.layout, images, self.fit_options())
@@ -144,22 +154,36 @@ class PatchCore:
                 raise ValueError(f"need at least 2 readable good images to fit (each is scored against the others to set the threshold), got {len(patches.sources)}")
             clock.lap("features")
             disk_bytes = patches.file.nbytes
-            size = bank_entries(len(patches.points), self.coreset_ratio, self.bank_size)
-            picks = pipeline.select_coreset(patches.points, size)
-            bank = patches.gather(picks).to(pipeline.device)
+            size_of = lambda rows: bank_entries(rows, self.coreset_ratio, self.bank_size)  # noqa: E731
+            picks = pipeline.select_coreset(patches.points, size_of(len(patches.points)))
             clock.lap("coreset")
-            index = NearestNeighbourIndex(bank, self.index)
-            inputs = pipeline.leave_one_out(index, self.num_neighbors, patches, own_runs(picks.numpy(), patches.starts))
+            bank, index, inputs = self._bank_and_scores(pipeline, patches, picks)
+            clock.lap("calibration")
+            check = check_training_images(inputs.scores, inputs.sources, self.contamination, [str(path) for path in trusted])
+            aside = set_aside_images(check, inputs)
+            if len(aside):  # the fit again, without them
+                picks = pipeline.select_coreset_without(patches.points, patches.starts, aside, size_of)
+                bank, index, inputs = self._bank_and_scores(pipeline, patches, picks, np.setdiff1d(inputs.images, aside))
+            clock.lap("contamination")
         finally:
             patches.close()
         calibration = calibrate(*inputs.for_calibrate(), self.false_alarm_rate)
-        clock.lap("calibration")
+        fitted_rows = int(patches.starts[-1]) - sum(int(patches.starts[i + 1] - patches.starts[i]) for i in aside)
         return self.set_fitted(FittedState(
             pipeline.patch_features, pipeline.layout, weights_sha256, bank,
-            coreset_ratio=self.coreset_ratio if self.bank_size is None else size / len(patches.points),
-            num_fit_images=len(patches.sources), calibration=calibration, calibration_sources=inputs.sources,
-            skipped=patches.skipped, fit_seconds=clock.laps, fit_disk_bytes=disk_bytes,
+            coreset_ratio=self.coreset_ratio if self.bank_size is None else len(bank) / fitted_rows,
+            num_fit_images=len(patches.sources) - len(aside), calibration=calibration, calibration_sources=inputs.sources,
+            contamination=check, skipped=patches.skipped, fit_seconds=clock.laps, fit_disk_bytes=disk_bytes,
         ), index)
+
+    def _bank_and_scores(
+        self, pipeline: FitPipeline, patches: TrainingPatches, picks: torch.Tensor, images: np.ndarray | None = None
+    ) -> tuple[torch.Tensor, NearestNeighbourIndex, CalibrationInputs]:
+        """The memory bank of the picked rows, its index, and the training images (``images``, or
+        those the pipeline calibrates on) scored leave-one-out against it."""
+        bank = patches.gather(picks).to(pipeline.device)
+        index = NearestNeighbourIndex(bank, self.index)
+        return bank, index, pipeline.leave_one_out(index, self.num_neighbors, patches, own_runs(picks.numpy(), patches.starts), images)
 
     def fit_options(self) -> FitOptions:
         """How this model's fits run (seed, device, batch size, temporary files, pixel limit, progress)."""
@@ -180,13 +204,14 @@ class PatchCore:
         self.num_fit_images_ = state.num_fit_images
         self.calibration_ = state.calibration
         self.calibration_sources_ = state.calibration_sources
+        self.contamination_ = state.contamination
         self.skipped_ = state.skipped
         self.fit_seconds_ = state.fit_seconds
         self.fit_disk_bytes_ = state.fit_disk_bytes
         self.format_version_ = MODEL_FORMAT_VERSION  # the format save() writes
         return self
 
-    def update(self, images: ImageInput) -> "PatchCore":
+    def update(self, images: ImageInput, trusted: Sequence[str | Path] = ()) -> "PatchCore":
         """Add good images to a fitted model without refitting from scratch.
 
         The greedy k-center selection carries on from the current memory bank: of the new
@@ -196,25 +221,32 @@ class PatchCore:
         against the grown bank and the thresholds are cut again, at the model's false-alarm
         rate, on their scores together with the stored scores of the earlier images (taken
         against the smaller bank, so a little high: the cut errs towards fewer false alarms).
+        New images that score like defects beside the earlier ones are set aside as in
+        :meth:`fit`; ``trusted`` (paths reviewed as good) never are.
         """
         self._check_fitted()
         pipeline = self.pipeline()
         patches = pipeline.extract(images, label="features")
         self.skipped_ = patches.skipped
+        old = self.calibration_
+        before = len(self.memory_bank_)
         try:
-            size = max(1, round(self.coreset_ratio_ * len(patches.points)))
-            picks = pipeline.select_coreset(patches.points, size, bank=self.memory_bank_)
-            before = len(self.memory_bank_)
-            added = patches.gather(picks)
-            self.memory_bank_ = torch.cat([self.memory_bank_, added.to(self.memory_bank_.device)])
-            self.num_fit_images_ += len(patches.sources)
-            self.index_ = NearestNeighbourIndex(self.memory_bank_, self.index)
-            inputs = pipeline.leave_one_out(self.index_, self.num_neighbors, patches, before + own_runs(picks.numpy(), patches.starts))
+            size_of = lambda rows: max(1, round(self.coreset_ratio_ * rows))  # noqa: E731
+            picks = pipeline.select_coreset(patches.points, size_of(len(patches.points)), bank=self.memory_bank_)
+            bank, index, inputs = self._grown_bank_and_scores(pipeline, patches, picks)
+            earlier = np.array(old.good_scores) if old.good_scores else None  # a format-1 model stores none
+            check = check_training_images(inputs.scores, inputs.sources, self.contamination, [str(path) for path in trusted], reference=earlier)
+            aside = set_aside_images(check, inputs)
+            if len(aside):  # the update again, without them
+                picks = pipeline.select_coreset_without(patches.points, patches.starts, aside, size_of, bank=self.memory_bank_)
+                bank, index, inputs = self._grown_bank_and_scores(pipeline, patches, picks, np.setdiff1d(inputs.images, aside))
         finally:
             patches.close()
+        self.memory_bank_, self.index_ = bank, index
+        self.num_fit_images_ += len(patches.sources) - len(aside)
+        self.contamination_ = self.contamination_.joined(check) if self.contamination_ is not None else check
         scores, peaks, map_mean, sources = inputs.scores, inputs.peaks, inputs.map_mean, inputs.sources
-        old = self.calibration_
-        if old.good_scores:  # a format-1 model stores none: its old images cannot take part
+        if old.good_scores:
             scores = np.concatenate([old.good_scores, scores])
             peaks = np.concatenate([old.good_map_peaks, peaks])
             map_mean = (old.pixel_good_mean * old.num_images + map_mean * len(sources)) / (old.num_images + len(sources))
@@ -223,6 +255,16 @@ class PatchCore:
             self.calibration_ = calibrate(scores, peaks, map_mean, old.false_alarm_rate or self.false_alarm_rate)
             self.calibration_sources_ = sources
         return self
+
+    def _grown_bank_and_scores(
+        self, pipeline: FitPipeline, patches: TrainingPatches, picks: torch.Tensor, images: np.ndarray | None = None
+    ) -> tuple[torch.Tensor, NearestNeighbourIndex, CalibrationInputs]:
+        """The memory bank grown by the picked rows of new images, its index, and the new images
+        (``images``, or those the pipeline calibrates on) scored leave-one-out against it."""
+        before = len(self.memory_bank_)
+        bank = torch.cat([self.memory_bank_, patches.gather(picks).to(self.memory_bank_.device)])
+        index = NearestNeighbourIndex(bank, self.index)
+        return bank, index, pipeline.leave_one_out(index, self.num_neighbors, patches, before + own_runs(picks.numpy(), patches.starts), images)
 
     def pipeline(self) -> FitPipeline:
         """The fitting pipeline of this fitted model: its backbone and input layout."""
@@ -302,6 +344,8 @@ class PatchCore:
             "memory_bank_shape": list(self.memory_bank_.shape),
             "backbone_weights_sha256": self.weights_sha256_,
             "calibration": self.calibration_.to_dict(),
+            # absent for a model loaded from a file that predates the check
+            **({"contamination": self.contamination_.to_dict()} if self.contamination_ is not None else {}),
         }
 
     def metadata(self) -> dict[str, Any]:
@@ -325,6 +369,7 @@ class PatchCore:
             # Format 1 had the square mode only, as two settings.
             layout = InputLayout.from_dict(settings["input"]) if "input" in settings else InputLayout("square", settings["image_size"], settings["center_crop"])
             calibration = Calibration.from_dict(settings["calibration"])
+            contamination = ContaminationCheck.from_dict(settings["contamination"]) if "contamination" in settings else None
             model = cls(
                 settings["backbone"],
                 layers=settings["layers"],
@@ -333,6 +378,7 @@ class PatchCore:
                 num_neighbors=settings["num_neighbors"],
                 seed=settings["seed"],
                 false_alarm_rate=calibration.false_alarm_rate or DEFAULT_FALSE_ALARM_RATE,
+                contamination=contamination.setting if contamination is not None else DEFAULT_CONTAMINATION,
                 device=device,
                 batch_size=batch_size,
                 index=index or settings.get("index", "exact"),
@@ -355,6 +401,7 @@ class PatchCore:
         model.index_ = NearestNeighbourIndex(model.memory_bank_, model.index)
         model.skipped_ = []
         model.calibration_sources_ = []
+        model.contamination_ = contamination
         model.format_version_ = settings["format_version"]
         return model
 

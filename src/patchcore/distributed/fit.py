@@ -14,6 +14,8 @@ their float16 128-d projection (256 bytes a patch) and never the wide features:
     actors:   send back only the chosen rows (the memory bank)
     driver:   the bank to every actor, once
     actors:   score their images leave-one-out against it (the calibration)
+    driver:   set aside the images that score like defects (contamination.py); if any, the
+              coreset again without their rows, the bank again, and the others scored again
     driver:   cut the thresholds; the actors drop their files
 
 The model is the local fit's, bit for bit, where the nodes compute the backbone as the driver's
@@ -35,10 +37,11 @@ import torch
 
 from ..backbones import build_feature_extractor, get_spec
 from ..calibrate import calibrate
+from ..contamination import check_training_images
 from ..data import LoadedImage, load_bytes
 from ..errors import BadInputError
 from ..features import PatchFeatures
-from ..fitting import CalibrationInputs, FitOptions, FitPipeline, FittedState, LeftOut, bank_entries, own_runs
+from ..fitting import CalibrationInputs, FitOptions, FitPipeline, FittedState, LeftOut, bank_entries, own_runs, set_aside_images
 from ..intake import image_size_hw, own_the_pixel_limit, read_file_bytes
 from ..layout import InputLayout
 from ..model import PatchCore
@@ -180,19 +183,45 @@ def _fit_with(ray: Any, model: PatchCore, pipeline: FitPipeline, weights_sha256:
     model.fit_images_per_node_ = dict(Counter(result["node"] for _, result in readable for _ in result["sources"]))
     features_seconds = time.perf_counter() - started
 
-    size = bank_entries(len(points), model.coreset_ratio, model.bank_size)
-    picks = pipeline.select_coreset(points.to(pipeline.device), size).numpy()
+    size_of = lambda rows: bank_entries(rows, model.coreset_ratio, model.bank_size)  # noqa: E731
+    picks = pipeline.select_coreset(points.to(pipeline.device), size_of(len(points))).numpy()
+    coreset_seconds = time.perf_counter() - started - features_seconds
+    memory_bank, inputs = _bank_and_scores(ray, pipeline, layout, starts, sources, picks, pipeline.calibration_images(len(sources)))
+    calibration_seconds = time.perf_counter() - started - features_seconds - coreset_seconds
+    # The same check as a local fit's, on the same scores: the same images set aside.
+    check = check_training_images(inputs.scores, inputs.sources, model.contamination)
+    aside = set_aside_images(check, inputs)
+    if len(aside):
+        picks = pipeline.select_coreset_without(points.to(pipeline.device), starts, aside, size_of).numpy()
+        memory_bank, inputs = _bank_and_scores(ray, pipeline, layout, starts, sources, picks, np.setdiff1d(inputs.images, aside))
     del points
+    calibration = calibrate(*inputs.for_calibrate(), model.false_alarm_rate)
+    fitted_rows = first_row - sum(int(starts[i + 1] - starts[i]) for i in aside)  # first_row: all the patches
+    return FittedState(
+        pipeline.patch_features, pipeline.layout, weights_sha256, memory_bank,
+        coreset_ratio=model.coreset_ratio if model.bank_size is None else len(memory_bank) / fitted_rows,
+        num_fit_images=len(sources) - len(aside), calibration=calibration, calibration_sources=inputs.sources, contamination=check,
+        skipped=[message for result in results for message in result["skipped"]],
+        fit_seconds={
+            "features": features_seconds, "coreset": coreset_seconds, "calibration": calibration_seconds,
+            "contamination": time.perf_counter() - started - features_seconds - coreset_seconds - calibration_seconds,
+        },
+        fit_disk_bytes=sum(result["disk_bytes"] for _, result in readable),
+    )
+
+
+def _bank_and_scores(
+    ray: Any, pipeline: FitPipeline, layout: list[_Chunk], starts: np.ndarray, sources: list[str], picks: np.ndarray, chosen: np.ndarray
+) -> tuple[torch.Tensor, CalibrationInputs]:
+    """The memory bank of the picked rows, gathered from the actors holding them, and the
+    ``chosen`` images scored leave-one-out against it by those actors."""
     bank_parts = []
     for chunk in layout:
         mine = picks[(picks >= chunk.first_row) & (picks < chunk.first_row + chunk.rows)] - chunk.first_row
         bank_parts.append(chunk.worker.gather.remote(chunk.number, mine))
     memory_bank = torch.from_numpy(np.concatenate(ray.get(bank_parts))).float().to(pipeline.device)
-    coreset_seconds = time.perf_counter() - started - features_seconds
-
     bank = ray.put(memory_bank.cpu().numpy())
     ray.get([worker.use_bank.remote(bank) for worker in {chunk.worker for chunk in layout}])
-    chosen = pipeline.calibration_images(len(sources))
     bank_starts = own_runs(picks, starts)
     asked = []
     for chunk in layout:
@@ -200,16 +229,7 @@ def _fit_with(ray: Any, model: PatchCore, pipeline: FitPipeline, weights_sha256:
         owns = [(int(bank_starts[i]), int(bank_starts[i + 1])) for i in mine]
         asked.append(chunk.worker.left_out.remote(chunk.number, (mine - chunk.first_image).tolist(), owns))
     left_out = [result for part in ray.get(asked) for result in part]  # chunk by chunk: the chosen images in order
-    inputs = CalibrationInputs.of(left_out, [sources[i] for i in chosen])
-    calibration = calibrate(*inputs.for_calibrate(), model.false_alarm_rate)
-    return FittedState(
-        pipeline.patch_features, pipeline.layout, weights_sha256, memory_bank,
-        coreset_ratio=model.coreset_ratio if model.bank_size is None else size / first_row,  # first_row: all the patches
-        num_fit_images=len(sources), calibration=calibration, calibration_sources=inputs.sources,
-        skipped=[message for result in results for message in result["skipped"]],
-        fit_seconds={"features": features_seconds, "coreset": coreset_seconds, "calibration": time.perf_counter() - started - features_seconds - coreset_seconds},
-        fit_disk_bytes=sum(result["disk_bytes"] for _, result in readable),
-    )
+    return memory_bank, CalibrationInputs.of(left_out, [sources[i] for i in chosen], chosen)
 
 
 def _extract_everywhere(ray: Any, pipeline: FitPipeline, pool: list, paths: list[Path]) -> tuple[list[tuple[Any, int]], list[dict]]:
