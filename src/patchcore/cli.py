@@ -7,6 +7,7 @@ import csv
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -357,14 +358,18 @@ def _log_contamination(model, out: Path) -> None:
     check = model.contamination_
     if check is None:
         return
+    table, pictures = out.with_suffix(".set_aside.csv"), out.with_suffix(".set_aside")
     if check.suspects:
-        table, pictures = write_contamination_report(model, out.with_suffix(".set_aside.csv"), out.with_suffix(".set_aside"))
+        write_contamination_report(model, table, pictures)
         _log(f"{check.describe()}: each with its score and reason in {table}, a picture each in {pictures}{os.sep}")
     else:
+        # an earlier fit's list must not stand beside a model that set nothing aside
+        table.unlink(missing_ok=True)
+        shutil.rmtree(pictures, ignore_errors=True)
         _log(check.describe())
 
 
-def write_contamination_report(model, table: Path, pictures: Path) -> tuple[Path, Path]:
+def write_contamination_report(model, table: Path, pictures: Path) -> None:
     """The training images the check set aside or listed, highest first, to ``table`` (CSV), and a
     picture of each set-aside image scored by the model, its suspicious region outlined as
     ``predict`` outlines defects, in ``pictures`` (a picture of an earlier update's image whose
@@ -388,7 +393,6 @@ def write_contamination_report(model, table: Path, pictures: Path) -> tuple[Path
         writer.writerow(["path", "leave_one_out_score", "robust_z", "set_aside", "reason", "picture"])
         for s in suspects:
             writer.writerow([s.path, f"{s.score:.6f}", f"{s.z:.2f}", int(s.set_aside), s.reason, drawn.get(s.path, "")])
-    return table, pictures
 
 
 def write_calibration_report(model, path: Path) -> Path:

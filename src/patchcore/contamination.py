@@ -148,7 +148,7 @@ def check_training_images(
         chosen = list(np.argsort(-scores, kind="stable")[:count])
         reasons = {i: f"leave-one-out score {scores[i]:.4g} among the highest {setting:.0%}" for i in chosen}
     trusted = {str(path) for path in trusted}
-    room = len(scores) - 2  # never all of them: a fit calibrates on two images at least
+    room = len(earlier) + len(scores) - 2  # never all of them: a fit calibrates on two images at least
     suspects = []
     for i in chosen:
         reason = reasons[i]

@@ -20,7 +20,8 @@ from serving import RunningServer
 
 @pytest.fixture(scope="session")
 def bottle_model_file(data_root, tmp_path_factory) -> Path:
-    """A MobileNetV2 model of MVTec AD bottle's 209 good training images, fitted once per session
+    """A MobileNetV2 model of MVTec AD bottle's 209 good training images (208 in the model: the
+    contamination check sets 132.png aside), fitted once per session
     (or the file $PATCHCORE_TEST_BOTTLE_MODEL names, fitted so before, when running tests again
     and again, as for mutation runs)."""
     if os.environ.get("PATCHCORE_TEST_BOTTLE_MODEL"):

@@ -121,6 +121,10 @@ def test_page_uploads_scores_and_recuts(bottle_model_file, open_server, images, 
             expect(panel.locator('dd[data-fact="model-file"]')).to_have_text(bottle_model_file.name)
             expect(panel.locator('dd[data-fact="input"]')).to_have_text(model["input"]["description"])
             expect(panel).to_contain_text(model["decision_rule"])
+            # and lists the training images its fit set aside, so that someone can clean the folder
+            expect(panel.locator("#model-aside-text")).to_have_text(model["contamination"]["description"])
+            expect(panel.locator("#model-aside-list li")).to_have_text(["132.png"])
+            expect(panel.locator("#model-aside-list li").first).to_have_attribute("title", model["contamination"]["suspects"][0]["reason"])
             expect(page.locator("#threshold-value")).to_have_value(f"{threshold:.3f}")
             expect(page.locator("#key-panel")).to_be_hidden()  # no API keys: no key form
 

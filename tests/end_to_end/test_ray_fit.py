@@ -52,3 +52,18 @@ def test_fit_on_a_two_node_cluster_gives_the_local_model(ray_cluster, welds_with
     assert torch.equal(a.memory_bank_, b.memory_bank_)
     assert a.calibration_ == b.calibration_
     assert a.num_fit_images_ == b.num_fit_images_ == 37
+
+
+def test_a_fit_on_ray_sets_aside_the_images_a_local_fit_does(ray_cluster, welds_with_a_bad_file, tmp_path):
+    # A stated share, so that images are set aside whatever the welds score: the check, the second
+    # coreset and the second calibration on Ray must give the local model.
+    options = ("--bank-size", "3000", "--batch-size", "2", "--contamination", "0.1")
+    local = fit(welds_with_a_bad_file, tmp_path / "local.safetensors", *options)
+    assert local.returncode == 0, local.stderr
+    remote = fit(welds_with_a_bad_file, tmp_path / "ray.safetensors", *options, "--ray", ray_cluster.address, env=ray_cluster.env)
+    assert remote.returncode == 0, remote.stderr
+    a, b = PatchCore.load(tmp_path / "local.safetensors", progress=False), PatchCore.load(tmp_path / "ray.safetensors", progress=False)
+    assert len(a.contamination_.set_aside) == round(0.1 * 37) == 4
+    assert a.contamination_ == b.contamination_
+    assert torch.equal(a.memory_bank_, b.memory_bank_) and a.calibration_ == b.calibration_
+    assert a.num_fit_images_ == b.num_fit_images_ == 33 and a.calibration_.num_images == 33

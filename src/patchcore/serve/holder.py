@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 import numpy as np
 
 from .. import __version__
+from ..contamination import ContaminationCheck
 from ..data import LoadedImage, file_sha256 as digest_of_file, prepare_image
 from ..errors import BadInputError, ModelFileError, WeightsError
 from ..scoring import ScoringModel, load_model
@@ -74,7 +75,18 @@ def describe(model: ScoringModel, path: Path, sha256: str, loaded_at: str) -> di
         "calibration_warning": calibration.warning,
         # the page re-cuts at any threshold and shows the rate that cut would give on good images
         "good_scores": [round(float(score), 6) for score in calibration.good_scores],
+        "contamination": _set_aside(model.settings().get("contamination")),
     }
+
+
+def _set_aside(check: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The fit's contamination check for clients: its line and each suspect by file name (like
+    the model file's, the server's folders are not theirs to know); None for a model without one."""
+    if check is None:
+        return None
+    parsed = ContaminationCheck.from_dict(check)
+    suspects = [{"name": Path(s.path).name, "score": s.score, "z": round(s.z, 2), "set_aside": s.set_aside, "reason": s.reason} for s in parsed.suspects]
+    return {"setting": parsed.setting, "description": parsed.describe(), "num_set_aside": len(parsed.set_aside), "suspects": suspects}
 
 
 def load_served_model(

@@ -52,6 +52,9 @@
     modelLoading: $("#model-loading"),
     modelFacts: $("#model-facts"),
     modelWarning: $("#model-warning"),
+    modelAside: $("#model-aside"),
+    modelAsideText: $("#model-aside-text"),
+    modelAsideList: $("#model-aside-list"),
     modelRule: $("#model-rule"),
     modelRuleText: $("#model-rule-text"),
     keyPanel: $("#key-panel"),
@@ -233,6 +236,22 @@
     }
   }
 
+  // The training images the fit's contamination check set aside (or, reviewed as good, only
+  // listed), so that someone can clean the folder: file name, score's robust z, and why.
+  function showSetAside(check) {
+    el.modelAsideList.replaceChildren();
+    el.modelAside.hidden = !check;
+    if (!check) return;
+    el.modelAsideText.textContent = check.description;
+    for (const suspect of check.suspects) {
+      const item = document.createElement("li");
+      item.textContent = `${suspect.name}${suspect.set_aside ? "" : " (kept: reviewed as good)"}`;
+      item.title = suspect.reason;
+      item.dataset.setAside = String(suspect.set_aside);
+      el.modelAsideList.append(item);
+    }
+  }
+
   async function connect() {
     for (;;) {
       try {
@@ -307,6 +326,7 @@
     el.modelWarning.hidden = !pc.calibration_warning;
     el.modelWarning.textContent = pc.calibration_warning ? `Calibration warning: ${pc.calibration_warning}` : "";
     el.modelThresholdNote.textContent = `model: ${f3(pc.image_threshold)}`;
+    showSetAside(pc.contamination);
 
     el.slider.disabled = false;
     el.value.disabled = false;
