@@ -422,3 +422,47 @@ def _greedy_plain(points: torch.Tensor, count: int, seed: int, on_progress, star
         pick = torch.argmax(nearest)  # stays on the device: no per-pick synchronisation
         tell(step)
     return picks
+
+
+def coverage_radius(points: torch.Tensor, picks: torch.Tensor) -> float:
+    """How far, at most, any row of ``points`` is from its nearest pick, for ``picks`` in the order
+    :func:`greedy_coreset` chose them: the last pick's distance to the nearest earlier one. Each
+    pick is the row farthest from the picks before it, so once it is taken no row is farther."""
+    if len(picks) < 2:
+        return float("inf")
+    chosen = points[picks].float()
+    return float(torch.linalg.vector_norm(chosen[:-1] - chosen[-1], dim=1).min())
+
+
+def repair_coreset(points: torch.Tensor, picks: torch.Tensor, removed: np.ndarray, radius: float, chunk_rows: int = 1 << 18) -> torch.Tensor:
+    """The coreset ``picks`` (rows of ``points``, increasing) without the ``removed`` rows, with new
+    picks among the others until every row not removed is again within ``radius`` of a pick.
+
+    Only the rows within ``radius`` of a removed pick can have lost their cover (every row was
+    within ``radius`` of some pick), so only they are searched again, and the farthest of them
+    is picked, greedily, as :func:`greedy_coreset` would: the coverage the first selection
+    guaranteed, without selecting it again over all the rows.
+    """
+    removed_rows = torch.from_numpy(removed)
+    dropped, kept = picks[removed_rows[picks]], picks[~removed_rows[picks]]
+    if len(dropped) == 0:
+        return picks
+    near_dropped = NearestNeighbourIndex(points[dropped].float())
+    candidates = []
+    for start in range(0, len(points), chunk_rows):  # float32 a chunk at a time: the projection stays float16
+        distances, _ = near_dropped.search(points[start : start + chunk_rows].float(), 1)
+        lost = (distances[:, 0] <= radius) & ~removed_rows[start : start + chunk_rows]
+        candidates.append(torch.nonzero(lost)[:, 0] + start)
+    candidates = torch.cat(candidates)
+    if len(candidates) == 0:
+        return kept
+    candidate_points = points[candidates].float()
+    nearest = NearestNeighbourIndex(points[kept].float()).search(candidate_points, 1)[0][:, 0] if len(kept) else torch.full((len(candidates),), float("inf"))
+    added = []
+    while True:
+        farthest = int(torch.argmax(nearest))
+        if float(nearest[farthest]) <= radius:
+            break
+        added.append(int(candidates[farthest]))
+        nearest = torch.minimum(nearest, torch.linalg.vector_norm(candidate_points - candidate_points[farthest], dim=1))
+    return torch.sort(torch.cat([kept, torch.tensor(added, dtype=kept.dtype)])).values

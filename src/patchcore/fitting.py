@@ -4,12 +4,12 @@ drive (paper, sections 3.1 to 3.2; the thresholds from ``calibrate.py``)::
 
     pipeline, sizes = FitPipeline.begin(backbone, layers, weights, layout, images, options)
     patches = pipeline.extract(images, sizes)           # patch features, one block per image
-    picks = pipeline.select_coreset(patches.points, bank_entries(len(patches.points), ratio, None))
+    picks, radius = pipeline.select_covering_coreset(patches.points, bank_entries(len(patches.points), ratio, None))
     bank = patches.gather(picks)                         # the memory bank
     inputs = pipeline.leave_one_out(index, num_neighbors, patches, own_runs(picks.numpy(), patches.starts))
     check = check_training_images(inputs.scores, inputs.sources, "auto")  # likely defective ones (contamination.py)
     aside = set_aside_images(check, inputs)
-    picks = pipeline.select_coreset_without(patches.points, patches.starts, aside, size)  # the fit again without them
+    picks = pipeline.coreset_without(patches.points, patches.starts, aside, picks, radius)  # their patches out, the cover repaired
     ...                                                  # its bank, and leave_one_out again for the others
     calibration = calibrate(*inputs.for_calibrate(), false_alarm_rate)
 
@@ -32,7 +32,7 @@ from tqdm import tqdm
 from .backbones import load_pretrained_extractor
 from .calibrate import Calibration
 from .contamination import ContaminationCheck
-from .coreset import greedy_coreset, random_projection
+from .coreset import coverage_radius, greedy_coreset, random_projection, repair_coreset
 from .data import LoadedImage, load_batches, same_size_runs
 from .featurefile import FeatureFile
 from .features import PatchFeatures
@@ -247,12 +247,26 @@ class FitPipeline:
     def select_coreset(self, points: torch.Tensor, size: int, bank: torch.Tensor | None = None) -> torch.Tensor:
         """Rows to keep, in increasing order: ``size`` of the patches, by greedy k-center
         selection on their projection (carried on from ``bank`` when given)."""
+        return self.select_covering_coreset(points, size, bank)[0]
+
+    def select_covering_coreset(self, points: torch.Tensor, size: int, bank: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+        """:meth:`select_coreset`'s rows, and the distance within which they cover every patch
+        (in the projection; infinite when carried on from a bank)."""
         if size == len(points) and bank is None:
-            return torch.arange(len(points))
+            return torch.arange(len(points)), 0.0
         initial = None if bank is None else self.project(bank)
         with self.bar(size, "coreset") as bar:
             picks = greedy_coreset(points, size, seed=self.options.seed, on_progress=bar.update, initial_centres=initial)
-        return torch.sort(picks.cpu()).values
+        radius = coverage_radius(points, picks) if bank is None else float("inf")
+        return torch.sort(picks.cpu()).values, radius
+
+    def coreset_without(self, points: torch.Tensor, starts: np.ndarray, aside: np.ndarray, picks: torch.Tensor, radius: float) -> torch.Tensor:
+        """The coreset ``picks`` (covering every patch within ``radius``) without the patches of
+        the images ``aside`` (their numbers), repaired so that it covers every other patch within
+        ``radius`` again (``coreset.repair_coreset``): the fit's coverage, without a second selection."""
+        removed = np.ones(int(starts[-1]), dtype=bool)
+        removed[rows_without(starts, aside)] = False
+        return repair_coreset(points, picks, removed, radius)
 
     def select_coreset_without(
         self, points: torch.Tensor, starts: np.ndarray, aside: np.ndarray, size_of: Callable[[int], int], bank: torch.Tensor | None = None

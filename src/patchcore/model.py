@@ -155,14 +155,14 @@ class PatchCore:
             clock.lap("features")
             disk_bytes = patches.file.nbytes
             size_of = lambda rows: bank_entries(rows, self.coreset_ratio, self.bank_size)  # noqa: E731
-            picks = pipeline.select_coreset(patches.points, size_of(len(patches.points)))
+            picks, radius = pipeline.select_covering_coreset(patches.points, size_of(len(patches.points)))
             clock.lap("coreset")
             bank, index, inputs = self._bank_and_scores(pipeline, patches, picks)
             clock.lap("calibration")
             check = check_training_images(inputs.scores, inputs.sources, self.contamination, [str(path) for path in trusted])
             aside = set_aside_images(check, inputs)
-            if len(aside):  # the fit again, without them
-                picks = pipeline.select_coreset_without(patches.points, patches.starts, aside, size_of)
+            if len(aside):  # their patches out of the bank, its cover repaired, and the others scored again
+                picks = pipeline.coreset_without(patches.points, patches.starts, aside, picks, radius)
                 bank, index, inputs = self._bank_and_scores(pipeline, patches, picks, np.setdiff1d(inputs.images, aside))
             clock.lap("contamination")
         finally:
@@ -171,7 +171,7 @@ class PatchCore:
         fitted_rows = int(patches.starts[-1]) - sum(int(patches.starts[i + 1] - patches.starts[i]) for i in aside)
         return self.set_fitted(FittedState(
             pipeline.patch_features, pipeline.layout, weights_sha256, bank,
-            coreset_ratio=self.coreset_ratio if self.bank_size is None else len(bank) / fitted_rows,
+            coreset_ratio=len(bank) / fitted_rows if self.bank_size is not None or len(aside) else self.coreset_ratio,
             num_fit_images=len(patches.sources) - len(aside), calibration=calibration, calibration_sources=inputs.sources,
             contamination=check, skipped=patches.skipped, fit_seconds=clock.laps, fit_disk_bytes=disk_bytes,
         ), index)

@@ -1,10 +1,11 @@
 """Greedy k-center selection against a brute-force reference."""
 
+import numpy as np
 import pytest
 import torch
 
 from patchcore import coreset
-from patchcore.coreset import _greedy_plain, _nearest_initial_centres, greedy_coreset, random_projection
+from patchcore.coreset import _greedy_plain, _nearest_initial_centres, coverage_radius, greedy_coreset, random_projection, repair_coreset
 
 
 def brute_force_greedy(points: torch.Tensor, count: int, first: int | None, initial: torch.Tensor | None = None) -> list[int]:
@@ -201,3 +202,40 @@ def test_the_device_loop_on_real_patch_features_picks_the_farthest(bottle_projec
     # short of the farthest on these patches; from the differences they do not.
     picks = _greedy_plain(bottle_projection.float(), 1500, 0, None, None).tolist()
     assert_each_pick_is_the_farthest(bottle_projection, picks, REAL_PATCHES_TOLERANCE)
+
+
+def _cover(points: torch.Tensor, picks: torch.Tensor, rows: np.ndarray) -> float:
+    """The largest distance of the given rows to their nearest pick."""
+    return float(torch.cdist(points[torch.from_numpy(rows)], points[picks]).min(dim=1).values.max())
+
+
+def test_the_coverage_radius_bounds_every_row_and_is_near_the_largest():
+    points = torch.from_numpy(np.random.default_rng(0).normal(size=(3000, 16)).astype(np.float32))
+    picks = greedy_coreset(points, 300, seed=0)
+    radius = coverage_radius(points, picks)
+    cover = _cover(points, picks, np.arange(3000))
+    assert cover <= radius + 1e-5 and cover > 0.8 * radius
+
+
+def test_a_repaired_coreset_covers_the_rows_left_as_the_first_did():
+    points = torch.from_numpy(np.random.default_rng(1).normal(size=(3000, 16)).astype(np.float32))
+    picks = greedy_coreset(points, 300, seed=0)
+    radius = coverage_radius(points, picks)
+    removed = np.zeros(3000, dtype=bool)
+    removed[::7] = True  # the rows of images set aside, spread among the others
+    picks = torch.sort(picks).values
+    repaired = repair_coreset(points, picks, removed, radius)
+    left = np.flatnonzero(~removed)
+    assert not removed[repaired.numpy()].any()  # nothing of the removed rows stays
+    assert set(picks[~torch.from_numpy(removed)[picks]].tolist()) <= set(repaired.tolist())  # the other picks all do
+    assert torch.equal(repaired, torch.sort(repaired).values)
+    assert _cover(points, repaired, left) <= radius + 1e-5
+    # without the repair (the removed picks only dropped), some rows left would lose their cover
+    assert _cover(points, picks[~torch.from_numpy(removed)[picks]], left) > radius
+    assert len(repaired) < len(picks)  # and it needs fewer picks than were removed here
+
+
+def test_a_repair_with_nothing_removed_changes_nothing():
+    points = torch.from_numpy(np.random.default_rng(2).normal(size=(500, 8)).astype(np.float32))
+    picks = torch.sort(greedy_coreset(points, 50, seed=0)).values
+    assert torch.equal(repair_coreset(points, picks, np.zeros(500, dtype=bool), coverage_radius(points, picks)), picks)

@@ -14,8 +14,9 @@ their float16 128-d projection (256 bytes a patch) and never the wide features:
     actors:   send back only the chosen rows (the memory bank)
     driver:   the bank to every actor, once
     actors:   score their images leave-one-out against it (the calibration)
-    driver:   set aside the images that score like defects (contamination.py); if any, the
-              coreset again without their rows, the bank again, and the others scored again
+    driver:   set aside the images that score like defects (contamination.py); if any, their
+              patches out of the coreset and its cover repaired, the bank again, the others
+              scored again
     driver:   cut the thresholds; the actors drop their files
 
 The model is the local fit's, bit for bit, where the nodes compute the backbone as the driver's
@@ -184,22 +185,22 @@ def _fit_with(ray: Any, model: PatchCore, pipeline: FitPipeline, weights_sha256:
     features_seconds = time.perf_counter() - started
 
     size_of = lambda rows: bank_entries(rows, model.coreset_ratio, model.bank_size)  # noqa: E731
-    picks = pipeline.select_coreset(points.to(pipeline.device), size_of(len(points))).numpy()
+    picks, radius = pipeline.select_covering_coreset(points.to(pipeline.device), size_of(len(points)))
     coreset_seconds = time.perf_counter() - started - features_seconds
-    memory_bank, inputs = _bank_and_scores(ray, pipeline, layout, starts, sources, picks, pipeline.calibration_images(len(sources)))
+    memory_bank, inputs = _bank_and_scores(ray, pipeline, layout, starts, sources, picks.numpy(), pipeline.calibration_images(len(sources)))
     calibration_seconds = time.perf_counter() - started - features_seconds - coreset_seconds
     # The same check as a local fit's, on the same scores: the same images set aside.
     check = check_training_images(inputs.scores, inputs.sources, model.contamination)
     aside = set_aside_images(check, inputs)
     if len(aside):
-        picks = pipeline.select_coreset_without(points.to(pipeline.device), starts, aside, size_of).numpy()
-        memory_bank, inputs = _bank_and_scores(ray, pipeline, layout, starts, sources, picks, np.setdiff1d(inputs.images, aside))
+        picks = pipeline.coreset_without(points.to(pipeline.device), starts, aside, picks, radius)
+        memory_bank, inputs = _bank_and_scores(ray, pipeline, layout, starts, sources, picks.numpy(), np.setdiff1d(inputs.images, aside))
     del points
     calibration = calibrate(*inputs.for_calibrate(), model.false_alarm_rate)
     fitted_rows = first_row - sum(int(starts[i + 1] - starts[i]) for i in aside)  # first_row: all the patches
     return FittedState(
         pipeline.patch_features, pipeline.layout, weights_sha256, memory_bank,
-        coreset_ratio=model.coreset_ratio if model.bank_size is None else len(memory_bank) / fitted_rows,
+        coreset_ratio=len(memory_bank) / fitted_rows if model.bank_size is not None or len(aside) else model.coreset_ratio,
         num_fit_images=len(sources) - len(aside), calibration=calibration, calibration_sources=inputs.sources, contamination=check,
         skipped=[message for result in results for message in result["skipped"]],
         fit_seconds={
