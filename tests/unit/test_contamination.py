@@ -129,3 +129,12 @@ def test_contamination_settings_read(text, value):
 def test_contamination_settings_refused_in_one_line(text, message):
     with pytest.raises(ValueError, match=message):
         parse_contamination(text)
+
+
+def test_auto_judges_nothing_with_fewer_than_ten_images():
+    # three images: the median and MAD of three scores say nothing (one of them would be "z 30")
+    assert check_training_images(np.array([1.0, 1.01, 1.6]), list("abc"), "auto").suspects == ()
+    assert "fewer than 10 images" in check_training_images(np.array([1.0, 1.01, 1.6]), list("abc"), "auto").rule
+    # a stated share still applies, and an update counts the earlier images
+    assert check_training_images(np.array([1.0, 1.01, 1.6]), list("abc"), 0.34).set_aside_paths == ["c"]
+    assert check_training_images(np.array([1.35, 9.0]), ["a", "b"], "auto", reference=good_scores(20)).set_aside_paths == ["b"]
