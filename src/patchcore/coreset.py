@@ -434,7 +434,7 @@ def coverage_radius(points: torch.Tensor, picks: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(chosen[:-1] - chosen[-1], dim=1).min())
 
 
-def repair_coreset(points: torch.Tensor, picks: torch.Tensor, removed: np.ndarray, radius: float, chunk_rows: int = 1 << 18) -> torch.Tensor:
+def repair_coreset(points: torch.Tensor, picks: torch.Tensor, removed: np.ndarray, radius: float, chunk_rows: int = 1 << 15) -> torch.Tensor:
     """The coreset ``picks`` (rows of ``points``, increasing) without the ``removed`` rows, with new
     picks among the others until every row not removed is again within ``radius`` of a pick.
 

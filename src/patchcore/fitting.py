@@ -264,8 +264,9 @@ class FitPipeline:
         """The coreset ``picks`` (covering every patch within ``radius``) without the patches of
         the images ``aside`` (their numbers), repaired so that it covers every other patch within
         ``radius`` again (``coreset.repair_coreset``): the fit's coverage, without a second selection."""
-        removed = np.ones(int(starts[-1]), dtype=bool)
-        removed[rows_without(starts, aside)] = False
+        removed = np.zeros(int(starts[-1]), dtype=bool)
+        for image in aside:
+            removed[int(starts[image]) : int(starts[image + 1])] = True
         return repair_coreset(points, picks, removed, radius)
 
     def select_coreset_without(
