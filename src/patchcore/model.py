@@ -162,6 +162,7 @@ class PatchCore:
             check = check_training_images(inputs.scores, inputs.sources, self.contamination, [str(path) for path in trusted])
             aside = set_aside_images(check, inputs)
             if len(aside):  # their patches out of the bank, its cover repaired, and the others scored again
+                del bank, index  # (freed before the repaired bank's are built: a large fit's peak memory)
                 picks = pipeline.coreset_without(patches.points, patches.starts, aside, picks, radius)
                 bank, index, inputs = self._bank_and_scores(pipeline, patches, picks, np.setdiff1d(inputs.images, aside))
             clock.lap("contamination")
