@@ -17,6 +17,7 @@ from typing import Sequence
 
 from . import __version__
 from .calibrate import DEFAULT_FALSE_ALARM_RATE
+from .contamination import DEFAULT_CONTAMINATION, parse_contamination
 from .data import expand_paths, training_images
 from .errors import BadInputError, ClusterError, ModelFileError, WeightsError, is_missing_pytorch
 from .intake import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_SERVER_MAX_IMAGE_PIXELS, own_the_pixel_limit
@@ -81,8 +82,6 @@ def _add_fit_options(parser: argparse.ArgumentParser, single_backbone: bool = Tr
 
 
 def _contamination(text: str) -> str | float:
-    from .contamination import parse_contamination
-
     try:
         return parse_contamination(text)
     except ValueError as error:
@@ -306,7 +305,7 @@ def _model_options(args: argparse.Namespace) -> dict:
         "num_neighbors": args.neighbors,
         "seed": args.seed,
         "false_alarm_rate": args.false_alarm_rate,
-        "contamination": "auto" if args.contamination is None else args.contamination,
+        "contamination": DEFAULT_CONTAMINATION if args.contamination is None else args.contamination,
         "device": args.device,
         "batch_size": args.batch_size,
         "index": args.index or "exact",

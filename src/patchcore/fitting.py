@@ -264,10 +264,7 @@ class FitPipeline:
         """The coreset ``picks`` (covering every patch within ``radius``) without the patches of
         the images ``aside`` (their numbers), repaired so that it covers every other patch within
         ``radius`` again (``coreset.repair_coreset``): the fit's coverage, without a second selection."""
-        removed = np.zeros(int(starts[-1]), dtype=bool)
-        for image in aside:
-            removed[int(starts[image]) : int(starts[image + 1])] = True
-        return repair_coreset(points, picks, removed, radius)
+        return repair_coreset(points, picks, rows_of(starts, aside), radius)
 
     def select_coreset_without(
         self, points: torch.Tensor, starts: np.ndarray, aside: np.ndarray, size_of: Callable[[int], int], bank: torch.Tensor | None = None
@@ -340,12 +337,27 @@ def set_aside_images(check: ContaminationCheck, inputs: CalibrationInputs) -> np
     return np.array(sorted(int(image) for image, source in zip(inputs.images, inputs.sources) if source in aside), dtype=np.int64)
 
 
+def rows_of(starts: np.ndarray, images: np.ndarray) -> np.ndarray:
+    """Which feature rows belong to the training images ``images`` (numbers): a mask over all rows."""
+    mask = np.zeros(int(starts[-1]), dtype=bool)
+    for image in images:
+        mask[int(starts[image]) : int(starts[image + 1])] = True
+    return mask
+
+
 def rows_without(starts: np.ndarray, images: np.ndarray) -> np.ndarray:
     """The feature rows of every training image but ``images`` (numbers), in increasing order."""
-    keep = np.ones(int(starts[-1]), dtype=bool)
-    for image in images:
-        keep[int(starts[image]) : int(starts[image + 1])] = False
-    return np.flatnonzero(keep)
+    return np.flatnonzero(~rows_of(starts, images))
+
+
+def fitted_share(bank_rows: int, starts: np.ndarray, aside: np.ndarray, coreset_ratio: float | None) -> float:
+    """The share of the fitted images' patches a bank of ``bank_rows`` entries holds: the coreset
+    ratio asked, unless a bank size set the bank (``coreset_ratio`` None) or images were set aside
+    (``aside``, their numbers: their patches are not the fit's)."""
+    if coreset_ratio is not None and not len(aside):
+        return coreset_ratio
+    aside = np.asarray(aside, dtype=np.int64)
+    return bank_rows / (int(starts[-1]) - int((starts[aside + 1] - starts[aside]).sum()))
 
 
 def image_sizes(images: ImageInput, max_pixels: int | None) -> list[tuple[int, int]]:

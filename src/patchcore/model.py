@@ -33,6 +33,7 @@ from .fitting import (
     ImageInput,
     TrainingPatches,
     bank_entries,
+    fitted_share,
     own_runs,
     rgb8,
     set_aside_images,
@@ -169,10 +170,9 @@ class PatchCore:
         finally:
             patches.close()
         calibration = calibrate(*inputs.for_calibrate(), self.false_alarm_rate)
-        fitted_rows = int(patches.starts[-1]) - sum(int(patches.starts[i + 1] - patches.starts[i]) for i in aside)
         return self.set_fitted(FittedState(
             pipeline.patch_features, pipeline.layout, weights_sha256, bank,
-            coreset_ratio=len(bank) / fitted_rows if self.bank_size is not None or len(aside) else self.coreset_ratio,
+            coreset_ratio=fitted_share(len(bank), patches.starts, aside, None if self.bank_size is not None else self.coreset_ratio),
             num_fit_images=len(patches.sources) - len(aside), calibration=calibration, calibration_sources=inputs.sources,
             contamination=check, skipped=patches.skipped, fit_seconds=clock.laps, fit_disk_bytes=disk_bytes,
         ), index)

@@ -42,7 +42,7 @@ from ..contamination import check_training_images
 from ..data import LoadedImage, load_bytes
 from ..errors import BadInputError
 from ..features import PatchFeatures
-from ..fitting import CalibrationInputs, FitOptions, FitPipeline, FittedState, LeftOut, bank_entries, own_runs, set_aside_images
+from ..fitting import CalibrationInputs, FitOptions, FitPipeline, FittedState, LeftOut, bank_entries, fitted_share, own_runs, set_aside_images
 from ..intake import image_size_hw, own_the_pixel_limit, read_file_bytes
 from ..layout import InputLayout
 from ..model import PatchCore
@@ -184,8 +184,8 @@ def _fit_with(ray: Any, model: PatchCore, pipeline: FitPipeline, weights_sha256:
     model.fit_images_per_node_ = dict(Counter(result["node"] for _, result in readable for _ in result["sources"]))
     features_seconds = time.perf_counter() - started
 
-    size_of = lambda rows: bank_entries(rows, model.coreset_ratio, model.bank_size)  # noqa: E731
-    picks, radius = pipeline.select_covering_coreset(points.to(pipeline.device), size_of(len(points)))
+    points = points.to(pipeline.device)
+    picks, radius = pipeline.select_covering_coreset(points, bank_entries(len(points), model.coreset_ratio, model.bank_size))
     coreset_seconds = time.perf_counter() - started - features_seconds
     memory_bank, inputs = _bank_and_scores(ray, pipeline, layout, starts, sources, picks.numpy(), pipeline.calibration_images(len(sources)))
     calibration_seconds = time.perf_counter() - started - features_seconds - coreset_seconds
@@ -193,14 +193,13 @@ def _fit_with(ray: Any, model: PatchCore, pipeline: FitPipeline, weights_sha256:
     check = check_training_images(inputs.scores, inputs.sources, model.contamination)
     aside = set_aside_images(check, inputs)
     if len(aside):
-        picks = pipeline.coreset_without(points.to(pipeline.device), starts, aside, picks, radius)
+        picks = pipeline.coreset_without(points, starts, aside, picks, radius)
         memory_bank, inputs = _bank_and_scores(ray, pipeline, layout, starts, sources, picks.numpy(), np.setdiff1d(inputs.images, aside))
     del points
     calibration = calibrate(*inputs.for_calibrate(), model.false_alarm_rate)
-    fitted_rows = first_row - sum(int(starts[i + 1] - starts[i]) for i in aside)  # first_row: all the patches
     return FittedState(
         pipeline.patch_features, pipeline.layout, weights_sha256, memory_bank,
-        coreset_ratio=len(memory_bank) / fitted_rows if model.bank_size is not None or len(aside) else model.coreset_ratio,
+        coreset_ratio=fitted_share(len(memory_bank), starts, aside, None if model.bank_size is not None else model.coreset_ratio),
         num_fit_images=len(sources) - len(aside), calibration=calibration, calibration_sources=inputs.sources, contamination=check,
         skipped=[message for result in results for message in result["skipped"]],
         fit_seconds={
