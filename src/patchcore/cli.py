@@ -51,8 +51,9 @@ def _add_fit_options(parser: argparse.ArgumentParser, single_backbone: bool = Tr
         group.add_argument("--layers", nargs="+", metavar="LAYER", help="layers to tap (default: the backbone's two mid-level stages)")
         group.add_argument("--weights", metavar="FILE", help="the backbone's ImageNet weights file (default: torchvision's cache, then download)")
     group.add_argument(
-        "--input-mode", choices=["square", "aspect", "tile"], default="square",
-        help="square: resize to --image-size squared (default, as the seed); aspect: keep each image's shape at one scale for all; "
+        "--input-mode", choices=["auto", "square", "aspect", "tile"], default="auto",
+        help="auto (default): square or aspect, chosen at fit from the training images' sizes and recorded in the model (docs/input-modes.md); "
+        "square: resize to --image-size squared (the seed's); aspect: keep each image's shape at one scale for all; "
         "tile: keep the shape, cut into overlapping tiles (native resolution unless --scale)",
     )
     group.add_argument("--image-size", type=int, default=256, help="square: the side; aspect: the median training image's shorter side after scaling (default: %(default)s)")

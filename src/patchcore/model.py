@@ -77,7 +77,7 @@ class PatchCore:
         backbone: str = "wide_resnet50_2",
         *,
         layers: Sequence[str] | None = None,
-        input_mode: str = "square",
+        input_mode: str = "auto",
         image_size: int = 256,
         center_crop: int | None = None,
         scale: float | None = None,

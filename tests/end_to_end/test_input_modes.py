@@ -109,3 +109,33 @@ def test_fitting_needs_two_readable_images(data_root, tmp_path):
     (one / "b.png").write_text("not an image")
     with pytest.raises(ValueError, match=r"^need at least 2 readable good images to fit \(each is scored against the others to set the threshold\), got 1$"):
         PatchCore("mobilenet_v2", progress=False).fit(find_images(one))
+
+
+def _grain_images(folder, count, height, width, seed):
+    """Grey brushed-grain pictures of one size (a stand-in for a line's parts)."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for k in range(count):
+        noise = rng.normal(128, 20, (height, width // 4, 1)).repeat(4, axis=1)  # grain drawn out along the width
+        Image.fromarray(np.clip(noise.repeat(3, axis=2), 0, 255).astype(np.uint8)).save(folder / f"{k:02d}.png")
+    return folder
+
+
+@pytest.mark.parametrize("height, width, mode", [(120, 300, "aspect"), (200, 200, "square")])
+def test_the_default_input_mode_keeps_long_parts_long_and_records_why(tmp_path, capsys, height, width, mode):
+    """A plain `fit` (input mode auto, the default) on long strips keeps their shape, on square
+    parts squashes nothing; the model file records the choice and its reason, `fit` prints it,
+    and `predict` scores in the chosen mode."""
+    good = _grain_images(tmp_path / "good", 12, height, width, seed=height)
+    model_path = tmp_path / "model.safetensors"
+    assert main(["fit", str(good), "--backbone", "mobilenet_v2", "--image-size", "64", "--coreset-ratio", "0.2", "--out", str(model_path), "--quiet"]) == 0
+    printed = capsys.readouterr().err
+    model = PatchCore.load(model_path, progress=False)
+    assert model.layout_.mode == mode and model.layout_.chosen.startswith(f"auto: {mode}, ")
+    assert f"({model.layout_.chosen})" in printed
+    expected_input = (64, 160) if mode == "aspect" else (64, 64)  # aspect: the 120 px side becomes 64, the 300 px side 160
+    assert main(["predict", str(model_path), str(good / "00.png"), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    [line] = (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()
+    [prediction] = model.predict([good / "00.png"])
+    assert prediction.input_map.shape == expected_input
+    assert json.loads(line)["score"] == pytest.approx(prediction.score, rel=1e-6)  # the command scores in the same mode

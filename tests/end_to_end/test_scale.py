@@ -37,7 +37,7 @@ def test_bank_size_of_ten_percent_gives_the_coreset_ratio_bank(bottle_model_file
 
 def test_a_bank_size_keeps_that_many_entries_and_updates_at_the_share_it_came_to(welds_images, tmp_path):
     first, later = welds_images[:25], welds_images[25:]
-    model = PatchCore("mobilenet_v2", bank_size=1500, progress=False).fit(first)
+    model = PatchCore("mobilenet_v2", bank_size=1500, input_mode="square", progress=False).fit(first)
     assert tuple(model.memory_bank_.shape) == (1500, 128)
     assert model.fit_disk_bytes_ == 25 * 32 * 32 * 128 * 4  # every patch, float32 (no wider than the projection)
     path = model.save(tmp_path / "m.safetensors")
@@ -46,7 +46,7 @@ def test_a_bank_size_keeps_that_many_entries_and_updates_at_the_share_it_came_to
     loaded.update(later)
     assert loaded.memory_bank_.shape[0] == 1500 + round(1500 / (25 * 1024) * 12 * 1024) == 2220
     # A budget above the patches there are keeps them all.
-    everything = PatchCore("mobilenet_v2", bank_size=10**9, progress=False).fit(first[:3])
+    everything = PatchCore("mobilenet_v2", bank_size=10**9, input_mode="square", progress=False).fit(first[:3])
     assert everything.memory_bank_.shape[0] == 3 * 1024
 
 

@@ -26,7 +26,7 @@ def fitted(data_root, tmp_path_factory):
         for path in paths:
             (folder / path.name).symlink_to(path)
     model_file = root / "welds.safetensors"
-    assert main(["fit", str(first), "--backbone", "mobilenet_v2", "--out", str(model_file), "--quiet"]) == 0
+    assert main(["fit", str(first), "--backbone", "mobilenet_v2", "--input-mode", "square", "--out", str(model_file), "--quiet"]) == 0
     return model_file, later
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from patchcore.features import PatchFeatures
-from patchcore.layout import IMAGENET_MEAN, IMAGENET_STD, InputLayout, Tile, _axis_tiles
+from patchcore.layout import AUTO_ELONGATION, IMAGENET_MEAN, IMAGENET_STD, InputLayout, Tile, _axis_tiles, choose_input_mode
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
@@ -196,17 +196,66 @@ def test_aspect_without_training_sizes_is_refused():
 @pytest.mark.parametrize(
     "settings, message",
     [
-        ({"mode": "round"}, "unknown input mode 'round'; choose one of: square, aspect, tile"),
+        ({"mode": "round"}, "unknown input mode 'round'; choose one of: auto, square, aspect, tile"),
         ({"mode": "aspect", "center_crop": 224}, "center crop applies to the square input mode only"),
         ({"mode": "square", "scale": 0.5}, "scale applies to the aspect and tile input modes only"),
         ({"mode": "tile", "tile_size": 200}, "tile size must be a multiple of 16 px and at least 32, got 200"),
         ({"mode": "tile", "tile_overlap": 256}, "tile overlap must be a multiple of 16 px and less than the tile size 256, got 256"),
         ({"mode": "aspect", "scale": 0.0}, "scale must be in (0, 16], got 0.0"),
+        ({"mode": "auto", "scale": 0.5, "center_crop": 224}, "center crop applies to the square input mode and scale to the aspect and tile modes: give one of them"),
     ],
 )
 def test_bad_settings_are_refused(settings, message):
     with pytest.raises(ValueError, match=f"^{__import__('re').escape(message)}$"):
         InputLayout(**settings)
+
+
+# ---------------------------------------------------------------------------
+# auto: the mode chosen from the training images' sizes
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "sizes, mode",
+    [
+        ([(500, 1250)] * 20, "aspect"),  # long strips, landscape
+        ([(1250, 500)] * 20, "aspect"),  # and portrait
+        ([(900, 900)] * 20, "square"),  # bottle
+        ([(768, 576)] * 20, "square"),  # cookies, 1.33:1
+        ([(256, 400)] * 11 + [(h, 400) for h in range(100, 400, 12)], "aspect"),  # welds: one width, heights 100 to 400
+        ([(s, s) for s in range(200, 900, 35)], "aspect"),  # square, but every size from 200 to 900 px
+        ([(100 + 23 * k % 500, 120 + 41 * k % 480) for k in range(40)], "aspect"),  # crops of many sizes, both ways
+    ],
+)
+def test_auto_keeps_the_shape_of_long_parts_and_of_mixed_sizes_and_squashes_one_near_square_shape(sizes, mode):
+    chosen, reason = choose_input_mode(sizes)
+    assert chosen == mode and reason.startswith(f"auto: {mode}, ")
+
+
+def test_auto_turns_at_the_stated_elongation_and_share_of_one_shape():
+    below, above = round(1000 / (AUTO_ELONGATION - 0.02)), round(1000 / (AUTO_ELONGATION + 0.02))  # heights of 1,000 px wide images
+    assert choose_input_mode([(below, 1000)] * 10)[0] == "square"
+    assert choose_input_mode([(above, 1000)] * 10)[0] == "aspect"
+    # nine of ten images of one size and shape are one shape; eight of ten are not
+    assert choose_input_mode([(600, 600)] * 9 + [(300, 900)])[0] == "square"
+    assert choose_input_mode([(600, 600)] * 8 + [(300, 900)] * 2)[0] == "aspect"
+    # within 10% of the shape and 25% of the size counts as the same
+    assert choose_input_mode([(600, 600)] * 5 + [(600, 650)] * 3 + [(700, 700)] * 2)[0] == "square"
+
+
+def test_auto_is_resolved_at_fit_and_says_why():
+    strips = InputLayout("auto").fitted(16, [(500, 1250)] * 4)
+    assert strips.mode == "aspect" and strips.scale == 256 / 500
+    assert strips.chosen == "auto: aspect, the training images are long (2.50:1 landscape, at least 1.45:1)"
+    assert strips.describe() == f"aspect kept, scale 0.512 ({strips.chosen})"
+    square = InputLayout("auto").fitted(16, [(900, 900)] * 4)
+    assert square.mode == "square" and square.scale is None and square.input_hw((900, 1800)) == (256, 256)
+    assert InputLayout("auto", center_crop=224).fitted(16, [(500, 1250)]).mode == "square"  # a crop is square's
+    assert InputLayout("auto", scale=0.5).fitted(16, [(900, 900)]).mode == "aspect"  # a scale is aspect's
+    assert InputLayout("square").fitted(16, [(500, 1250)]).chosen is None  # asked for, not chosen
+    assert InputLayout.from_dict(strips.to_dict()) == strips
+    with pytest.raises(ValueError, match="no readable training images to choose the input mode from"):
+        InputLayout("auto").fitted(16, [])
 
 
 # ---------------------------------------------------------------------------
