@@ -74,6 +74,32 @@ class LowerBoundIndex:
 BOUND_ALLOWANCE = 1e-5
 
 
+class ScanBounds:
+    """The full scan as bounds: every squared distance by one blocked matrix product,
+    |q|^2 - 2 q.b + |b|^2 in float32, then measured again from the differences for the few
+    entries within the product's rounding of the smallest (the lowest row on a tie, as the
+    bounded searches). Where the patches are alike (uniform surfaces), the cell and principal
+    bounds rule out little and measuring entry by entry costs several times this scan: the index
+    switches to it (:data:`SCAN_SHARE`). The answers are the same either way."""
+
+    def __init__(self, bank: torch.Tensor) -> None:
+        self.bank = bank.float().contiguous()
+        self.norms = self.bank.square().sum(dim=1)
+        # float32 rounding of a d-term dot product stays within d * 2^-24 of sum |q_i b_i|,
+        # itself at most (|q|^2 + |b|^2) / 2: twice that, and never below the bounds' allowance
+        self.relative = max(BOUND_ALLOWANCE, self.bank.shape[1] * 2.0**-23)
+        self.points = self.bank.numpy()
+
+    def nearest(self, queries: torch.Tensor, skip: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        def search(chunk: torch.Tensor, nearest: np.ndarray, measured: np.ndarray) -> None:
+            norms = chunk.square().sum(dim=1)
+            distances = torch.addmm(self.norms[None, :], chunk, self.bank.T, alpha=-2.0).add_(norms[:, None])
+            allowance = self.relative * (norms + self.norms.max())
+            _nearest_within_bounds(distances.numpy(), allowance.numpy(), self.points, chunk.numpy(), *skip, nearest, measured)
+
+        return _in_chunks(queries, max(1, BOUND_CHUNK_ELEMENTS // len(self.points)), search)
+
+
 @numba.njit(parallel=True, cache=True)
 def _nearest_within_bounds(bounds, allowance, bank, queries, skip_start, skip_stop, nearest, measured):  # pragma: no cover - compiled
     """Each query's nearest entry, entries skip_start..skip_stop-1 left out: start from the entry
@@ -286,11 +312,13 @@ class NearestNeighbourIndex:
             self._faiss.add(self.bank.numpy())
         elif self.device.type == "cpu":
             # Built on the first search that uses it, not when a model loads.
-            self._bounds: LowerBoundIndex | CellBoundIndex | None = None
+            self._bounds: LowerBoundIndex | CellBoundIndex | ScanBounds | None = None
             self._bounded = bounds
             #: queries searched by their bounds, the bank entries measured in full for them, and
             #: those of the cell bounds that were finished by the full scan
             self.queries_bounded = self.entries_measured = self.queries_rescanned = 0
+            #: whether the bounds gave way to the scan (:class:`ScanBounds`, :data:`SCAN_SHARE`)
+            self.scanning = False
         else:
             self._squared_norms = self.bank.square().sum(dim=1)
 
@@ -338,6 +366,8 @@ class NearestNeighbourIndex:
             components = leading_components(self.bank.shape[1])
             self._bounds = LowerBoundIndex(self.bank, components) if components else CellBoundIndex(self.bank)
         nearest, measured = self._bounds.nearest(queries, (start, stop))
+        if not self.scanning:
+            self._scan_if_bounds_do_not_pay(measured)
         # A query far from every entry (a foreign image) would measure much of the bank one entry
         # at a time: the cell bounds give it up (-1) and faiss's blocked scan finishes it.
         rescan = np.flatnonzero(nearest < 0)
@@ -347,6 +377,14 @@ class NearestNeighbourIndex:
         self.queries_bounded += len(queries)
         self.entries_measured += int(measured.sum())
         return torch.from_numpy(nearest)[:, None]
+
+    def _scan_if_bounds_do_not_pay(self, measured: np.ndarray) -> None:
+        """After :data:`SCAN_AFTER_QUERIES` queries, switch to the scan for good if the bounds
+        had these measure more than :data:`SCAN_SHARE` of the bank on average."""
+        self._seen_queries = getattr(self, "_seen_queries", 0) + len(measured)
+        self._seen_measured = getattr(self, "_seen_measured", 0) + int(measured.sum())
+        if self._seen_queries >= SCAN_AFTER_QUERIES and self._seen_measured > SCAN_SHARE * len(self) * self._seen_queries:
+            self._bounds, self.scanning = ScanBounds(self.bank), True
 
     def _rescan(self, queries: torch.Tensor, exclude: tuple[int, int] | None) -> np.ndarray:
         """Each query's nearest bank row by the full scan: faiss's few nearest candidates, of
@@ -416,6 +454,13 @@ BOUNDED_MIN_DIMS = 4 * BOUND_COMPONENTS
 RESCAN_FRACTION = 0.5
 #: candidates the full scan hands back for such a query, measured again from the differences
 RESCAN_CANDIDATES = 8
+#: the bounds give way to the scan (ScanBounds) once they have measured more than this share of
+#: the bank per query: measuring entry by entry costs about 12x an entry of the blocked scan
+#: (benchmarks/search.py, uniform surfaces), so past 1/12 the scan is faster; on bottle the
+#: bounds measure under 1%
+SCAN_SHARE = 1 / 12
+#: queries the bounds answer before that is judged (a 32 x 32 image's patches)
+SCAN_AFTER_QUERIES = 1024
 
 
 def leading_components(dims: int) -> int:

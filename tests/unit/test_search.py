@@ -388,3 +388,37 @@ def test_a_compiled_search_leaves_torchs_thread_count_as_the_user_set_it():
     done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "2"}, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["1", "1"]
+
+
+@pytest.mark.parametrize("dims", [128, 512])
+def test_where_the_bounds_rule_out_little_the_index_scans_and_answers_the_same(dims):
+    """Alike patches (a uniform surface: one blob, no clusters) far from the origin, where the
+    blocked product's rounding is largest: after the first image's queries have measured most of
+    the bank, the index scans, and every answer, left-out runs, exact hits and duplicate
+    entries included, is still brute force's (lowest row on a tie)."""
+    generator = torch.Generator().manual_seed(11)
+    centre = 30.0 * torch.randn(dims, generator=generator)
+    bank = centre + torch.randn(3000, dims, generator=generator)
+    bank[2000:2010] = bank[10:20]  # duplicates: the lower row wins
+    queries = centre + torch.randn(3000, dims, generator=generator)
+    queries[1100:1140] = bank[100:140]  # exact hits, after the switch
+    queries[1140:1150] = bank[10:20]
+    queries[1150:1200] = bank[200:250] + 1e-4 * torch.randn(50, dims, generator=generator)  # near hits
+    index = NearestNeighbourIndex(bank)
+    first, _ = index.search(queries[:1024], k=1)
+    assert index.scanning  # the bounds measured more than SCAN_SHARE of the bank per query
+    for exclude in [None, (1500, 2500)]:
+        distances, indices = index.search(queries, k=1, exclude=exclude)
+        expected, expected_rows = brute_force_nearest(queries, bank, exclude)
+        assert torch.equal(indices[:, 0], expected_rows)
+        assert float(((distances[:, 0].double() - expected).abs() / expected.clamp(min=1e-12)).max()) < 1e-5
+    assert torch.equal(first, index.search(queries[:1024], k=1)[0])  # the same before and after
+    assert float(distances[1100:1150].max()) == 0.0
+
+
+def test_clustered_patches_keep_the_bounds():
+    points = clustered_features(7024, 128, seed=5)
+    index = NearestNeighbourIndex(points[:6000].clone())
+    index.search(points[6000:].clone(), k=1)
+    index.search(points[6000:].clone(), k=1)
+    assert not index.scanning and index.entries_measured < 0.05 * 2048 * 6000
