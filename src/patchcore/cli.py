@@ -52,7 +52,7 @@ def _add_fit_options(parser: argparse.ArgumentParser, single_backbone: bool = Tr
         group.add_argument("--weights", metavar="FILE", help="the backbone's ImageNet weights file (default: torchvision's cache, then download)")
     group.add_argument(
         "--input-mode", choices=["auto", "square", "aspect", "tile"], default="auto",
-        help="auto (default): square or aspect, chosen at fit from the training images' sizes and recorded in the model (docs/input-modes.md); "
+        help="auto (default): square or aspect, chosen at fit from the training images' sizes and recorded in the model (docs/fitting.md); "
         "square: resize to --image-size squared (the seed's); aspect: keep each image's shape at one scale for all; "
         "tile: keep the shape, cut into overlapping tiles (native resolution unless --scale)",
     )
