@@ -456,23 +456,13 @@ def repair_coreset(points: torch.Tensor, picks: torch.Tensor, removed: np.ndarra
     candidates = torch.cat(candidates)
     if len(candidates) == 0:
         return kept
-    # The candidates stay in the projection's float16 (a 10,000-image fit can have a million
-    # of them) and are measured in float32 a chunk at a time: the same numbers, at a quarter
-    # of the memory of a float32 copy and its difference with each new pick.
-    candidate_points = points[candidates]
-    chunks = [slice(start, start + chunk_rows) for start in range(0, len(candidates), chunk_rows)]
-    if len(kept):
-        near_kept = NearestNeighbourIndex(points[kept].float())
-        nearest = torch.cat([near_kept.search(candidate_points[part].float(), 1)[0][:, 0] for part in chunks])
-    else:
-        nearest = torch.full((len(candidates),), float("inf"))
+    candidate_points = points[candidates].float()
+    nearest = NearestNeighbourIndex(points[kept].float()).search(candidate_points, 1)[0][:, 0] if len(kept) else torch.full((len(candidates),), float("inf"))
     added = []
     while True:
         farthest = int(torch.argmax(nearest))
         if float(nearest[farthest]) <= radius:
             break
         added.append(int(candidates[farthest]))
-        centre = candidate_points[farthest].float()
-        for part in chunks:
-            torch.minimum(nearest[part], torch.linalg.vector_norm(candidate_points[part].float() - centre, dim=1), out=nearest[part])
+        nearest = torch.minimum(nearest, torch.linalg.vector_norm(candidate_points - candidate_points[farthest], dim=1))
     return torch.sort(torch.cat([kept, torch.tensor(added, dtype=kept.dtype)])).values
