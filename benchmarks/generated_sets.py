@@ -57,8 +57,8 @@ def granular_tile(rng: np.random.Generator, height: int, width: int) -> np.ndarr
     return np.clip(0.42 + 0.05 * fine + 0.035 * coarse, 0, 1)
 
 
-def paint_defects(rng: np.random.Generator, grey: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
-    """One or two scratches or pits painted onto ``grey``: the image, the mask (0/255) and the kind."""
+def paint_defects(rng: np.random.Generator, grey: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One or two scratches or pits painted onto ``grey``: the image and the mask (0/255)."""
     height, width = grey.shape
     mask = np.zeros((height, width), np.uint8)
     kind = "scratch" if rng.random() < 0.5 else "pit"
@@ -78,7 +78,7 @@ def paint_defects(rng: np.random.Generator, grey: np.ndarray) -> tuple[np.ndarra
         sign = -1.0 if rng.random() < 0.7 else 1.0
         shade += sign * rng.uniform(0.12, 0.22) * layer.astype(np.float32) / 255.0
         mask |= (layer > 127).astype(np.uint8) * 255
-    return np.clip(grey + shade, 0, 1), mask, kind
+    return np.clip(grey + shade, 0, 1), mask
 
 
 def strip_size(rng: np.random.Generator) -> tuple[int, int]:
@@ -104,16 +104,17 @@ def generate(spec: SetSpec, out: Path, seed: int = 0) -> Path:
     root = out / spec.name
     set_number = list(SETS).index(spec.name)
     tint = (1.0, 1.0, 1.02) if spec.name == "long_strips" else (1.05, 0.97, 0.9)
-    for split, count in (("train/good", spec.train), ("test/good", spec.test_good), ("test/defective", spec.test_defective)):
+    splits = (("train/good", spec.train), ("test/good", spec.test_good), ("test/defective", spec.test_defective))
+    for split_number, (split, count) in enumerate(splits):
         folder = root / split
         folder.mkdir(parents=True, exist_ok=True)
         for index in range(count):
-            rng = np.random.default_rng([seed, set_number, ("train/good", "test/good", "test/defective").index(split), index])
+            rng = np.random.default_rng([seed, set_number, split_number, index])
             height, width = spec.size(rng)
             grey = spec.surface(rng, height, width)
             name = f"{index:03d}.png"
             if split == "test/defective":
-                grey, mask, _ = paint_defects(rng, grey)
+                grey, mask = paint_defects(rng, grey)
                 (root / "ground_truth" / "defective").mkdir(parents=True, exist_ok=True)
                 Image.fromarray(mask).save(root / "ground_truth" / "defective" / f"{index:03d}_mask.png")
             Image.fromarray(to_rgb(grey, tint)).save(folder / name)

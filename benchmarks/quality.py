@@ -105,11 +105,11 @@ def bars(name: str, modes: dict[str, dict]) -> dict:
 
 
 def mixed_size_scoring(scratch: Path, args: argparse.Namespace) -> dict:
-    """Images per second of the mixed crops' aspect model on their test folder (sizes all
-    different) and on as many images of one size with the same pixel count (no pictures; the
-    better of two passes each)."""
+    """Images per second of the mixed crops' aspect model (the one `train` fitted above) on
+    their test folder (sizes all different) and on as many images of one size with the same
+    pixel count (no pictures; the better of two passes each)."""
     data = scratch / "data" / "mixed_crops"
-    model = PatchCore(args.backbone, input_mode="aspect", progress=False).fit(find_images(data / "train" / "good"))
+    model = PatchCore.load(scratch / "mixed_crops" / "aspect" / "model.safetensors", progress=False)
     mixed = find_images(data / "test")
     pixels = sum(math.prod(Image.open(path).size) for path in mixed)
     side = round(math.sqrt(pixels / len(mixed)))

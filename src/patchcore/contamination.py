@@ -139,9 +139,9 @@ def check_training_images(
     if setting == "off":
         return ContaminationCheck("off", "off", len(scores))
     earlier = np.asarray(reference if reference is not None else (), dtype=np.float64)
-    z = robust_z(np.concatenate([earlier, scores]))[len(earlier) :]
     if setting == "auto" and len(earlier) + len(scores) < MIN_IMAGES_FOR_AUTO:
         return ContaminationCheck("auto", f"none: fewer than {MIN_IMAGES_FOR_AUTO} images to judge by", len(scores))
+    z = robust_z(np.concatenate([earlier, scores]))[len(earlier) :]
     if setting == "auto":
         rule = f"robust z of the log leave-one-out score above {AUTO_Z_LIMIT:g}"
         chosen = [i for i in np.argsort(-z, kind="stable") if z[i] > AUTO_Z_LIMIT]

@@ -366,8 +366,6 @@ class NearestNeighbourIndex:
             components = leading_components(self.bank.shape[1])
             self._bounds = LowerBoundIndex(self.bank, components) if components else CellBoundIndex(self.bank)
         nearest, measured = self._bounds.nearest(queries, (start, stop))
-        if not self.scanning:
-            self._scan_if_bounds_do_not_pay(measured)
         # A query far from every entry (a foreign image) would measure much of the bank one entry
         # at a time: the cell bounds give it up (-1) and faiss's blocked scan finishes it.
         rescan = np.flatnonzero(nearest < 0)
@@ -376,14 +374,15 @@ class NearestNeighbourIndex:
             self.queries_rescanned += len(rescan)
         self.queries_bounded += len(queries)
         self.entries_measured += int(measured.sum())
+        if not self.scanning:
+            self._scan_if_bounds_do_not_pay()
         return torch.from_numpy(nearest)[:, None]
 
-    def _scan_if_bounds_do_not_pay(self, measured: np.ndarray) -> None:
+    def _scan_if_bounds_do_not_pay(self) -> None:
         """After :data:`SCAN_AFTER_QUERIES` queries, switch to the scan for good if the bounds
-        had these measure more than :data:`SCAN_SHARE` of the bank on average."""
-        self._seen_queries = getattr(self, "_seen_queries", 0) + len(measured)
-        self._seen_measured = getattr(self, "_seen_measured", 0) + int(measured.sum())
-        if self._seen_queries >= SCAN_AFTER_QUERIES and self._seen_measured > SCAN_SHARE * len(self) * self._seen_queries:
+        have measured more than :data:`SCAN_SHARE` of the bank per query (the counts so far are
+        all the bounds': the scan has not been used yet)."""
+        if self.queries_bounded >= SCAN_AFTER_QUERIES and self.entries_measured > SCAN_SHARE * len(self) * self.queries_bounded:
             self._bounds, self.scanning = ScanBounds(self.bank), True
 
     def _rescan(self, queries: torch.Tensor, exclude: tuple[int, int] | None) -> np.ndarray:
