@@ -439,25 +439,31 @@ def repair_coreset(points: torch.Tensor, picks: torch.Tensor, removed: np.ndarra
     picks among the others until every row not removed is again within ``radius`` of a pick.
 
     Only the rows within ``radius`` of a removed pick can have lost their cover (every row was
-    within ``radius`` of some pick), so only they are searched again, and the farthest of them
-    is picked, greedily, as :func:`greedy_coreset` would: the coverage the first selection
-    guaranteed, without selecting it again over all the rows.
+    within ``radius`` of some pick), and of them only those no kept pick covers; the farthest of
+    those is picked, greedily, as :func:`greedy_coreset` would: the coverage the first selection
+    guaranteed, without selecting it again over all the rows, in memory for the lost rows only.
     """
     removed_rows = torch.from_numpy(removed)
     dropped, kept = picks[removed_rows[picks]], picks[~removed_rows[picks]]
     if len(dropped) == 0:
         return picks
     near_dropped = NearestNeighbourIndex(points[dropped].float())
-    candidates = []
+    near_kept = NearestNeighbourIndex(points[kept].float()) if len(kept) else None
+    uncovered, nearest_kept = [], []
     for start in range(0, len(points), chunk_rows):  # float32 a chunk at a time: the projection stays float16
-        distances, _ = near_dropped.search(points[start : start + chunk_rows].float(), 1)
-        lost = (distances[:, 0] <= radius) & ~removed_rows[start : start + chunk_rows]
-        candidates.append(torch.nonzero(lost)[:, 0] + start)
-    candidates = torch.cat(candidates)
+        chunk = points[start : start + chunk_rows].float()
+        near_a_dropped = (near_dropped.search(chunk, 1)[0][:, 0] <= radius) & ~removed_rows[start : start + chunk_rows]
+        rows = torch.nonzero(near_a_dropped)[:, 0]
+        # Only rows that no kept pick covers either need a new one: keeping just them holds the
+        # repair's memory to what was lost, not to the (large) ball around each dropped pick.
+        nearest = near_kept.search(chunk[rows], 1)[0][:, 0] if near_kept is not None else torch.full((len(rows),), float("inf"))
+        lost = nearest > radius
+        uncovered.append(rows[lost] + start)
+        nearest_kept.append(nearest[lost])
+    candidates, nearest = torch.cat(uncovered), torch.cat(nearest_kept)
     if len(candidates) == 0:
         return kept
     candidate_points = points[candidates].float()
-    nearest = NearestNeighbourIndex(points[kept].float()).search(candidate_points, 1)[0][:, 0] if len(kept) else torch.full((len(candidates),), float("inf"))
     added = []
     while True:
         farthest = int(torch.argmax(nearest))

@@ -235,6 +235,29 @@ def test_a_repaired_coreset_covers_the_rows_left_as_the_first_did():
     assert len(repaired) < len(picks)  # and it needs fewer picks than were removed here
 
 
+def test_a_repair_picks_what_a_greedy_pass_over_every_row_left_picks_in_any_chunks():
+    # The repair looks only at rows near a dropped pick and keeps only those no kept pick covers;
+    # a greedy pass over every row left, from the kept picks, must choose the very same rows.
+    # Caught: a chunk's rows not offset by its start; the removed rows kept as candidates.
+    points = torch.from_numpy(np.random.default_rng(3).normal(size=(2000, 8)).astype(np.float32))
+    picks = torch.sort(greedy_coreset(points, 200, seed=0)).values
+    radius = coverage_radius(points, picks)
+    removed = np.zeros(2000, dtype=bool)
+    removed[300:700] = True  # two images' rows
+    kept = picks[~torch.from_numpy(removed)[picks]]
+    left = torch.from_numpy(np.flatnonzero(~removed))
+    nearest = torch.cdist(points[left].double(), points[kept].double()).min(dim=1).values
+    added = []
+    while float(nearest.max()) > radius:
+        farthest = int(torch.argmax(nearest))
+        added.append(int(left[farthest]))
+        nearest = torch.minimum(nearest, torch.linalg.vector_norm(points[left].double() - points[left[farthest]].double(), dim=1))
+    expected = torch.sort(torch.cat([kept, torch.tensor(added, dtype=kept.dtype)])).values
+    assert len(added) > 3
+    for chunk_rows in (1 << 15, 256, 999):
+        assert torch.equal(repair_coreset(points, picks, removed, radius, chunk_rows=chunk_rows), expected)
+
+
 def test_a_repair_with_nothing_removed_changes_nothing():
     points = torch.from_numpy(np.random.default_rng(2).normal(size=(500, 8)).astype(np.float32))
     picks = torch.sort(greedy_coreset(points, 50, seed=0)).values
