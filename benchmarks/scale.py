@@ -66,6 +66,8 @@ from provenance import describe, headline, provenance, short, stamped  # benchma
 
 REPO = Path(__file__).resolve().parents[1]
 GB = 1e9
+#: the fit's phases, as ``fit_seconds_`` names them (the contamination check's since issue 21)
+PHASES = ("load_backbone", "features", "coreset", "calibration", "contamination")
 #: the issue's limits: (backbone, images) -> (what, limit, unit)
 CHECKS = {
     ("mobilenet_v2", 10000): [("process_seconds", 20 * 60, "s"), ("peak_memory_gb", 4.0, "GB")],
@@ -227,7 +229,9 @@ def worker(job: dict) -> dict:
     return {
         "backbone": job["backbone"],
         "random_weights": job["weights"] is not None,
-        "images": model.num_fit_images_,
+        "images": job["images"],  # the images given the fit (its checks and growth are by these)
+        "fitted_images": model.num_fit_images_,  # less the unreadable and those the contamination check set aside
+        "set_aside": len(model.contamination_.set_aside) if model.contamination_ is not None else 0,
         "skipped": len(model.skipped_),
         "bank_size": job["bank_size"],
         "patches": round(bank[0] / model.coreset_ratio_),
@@ -352,19 +356,19 @@ def markdown(r: dict) -> str:
             f"Bank size {r['bank_size']:,} entries. Each fit in a child process of its own; GB = 10^9 bytes."
         ),
         "",
-        "| backbone | images | patches | bank | fit (s) | load / features / coreset / calibration (s) | whole process (s) | cores used | peak memory (GB) | temporary disk (GB) | model (MB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| backbone | images | set aside | patches | bank | fit (s) | load / features / coreset / calibration / contamination check (s) | whole process (s) | cores used | peak memory (GB) | temporary disk (GB) | model (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in r["runs"]:
-        phases = " / ".join(f"{p['phases'][k]:.1f}" if k in p["phases"] else "-" for k in ("load_backbone", "features", "coreset", "calibration"))
+        phases = " / ".join(f"{p['phases'][k]:.1f}" if k in p["phases"] else "-" for k in PHASES)
         name = p["backbone"] + (" (random weights)" if p["random_weights"] else "")
-        lines.append(f"| {name} | {p['images']:,} | {p['patches']:,} | {p['bank'][0]:,} x {p['bank'][1]} | {p['fit_seconds']:.1f} | {phases} | "
+        lines.append(f"| {name} | {p['images']:,} | {p.get('set_aside', '-')} | {p['patches']:,} | {p['bank'][0]:,} x {p['bank'][1]} | {p['fit_seconds']:.1f} | {phases} | "
                      f"{p['process_seconds']:.1f} | {p['cpu_seconds'] / p['process_seconds']:.2f}{' *' if busy(p) else ''} | {p['peak_memory_gb']:.2f} | {p['temporary_disk_gb']:.2f} | {p['model_mb']:.1f} |")
     lines += ["", "Peak memory within each phase (GB, VmRSS sampled every 0.2 s; before the fit: start-up and imports):", "",
-              "| backbone | images | before fit | load | features | coreset | calibration |", "|---|---|---|---|---|---|---|"]
+              "| backbone | images | before fit | load | features | coreset | calibration | contamination check |", "|---|---|---|---|---|---|---|---|"]
     for p in r["runs"]:
         by = p["peak_memory_by_phase_gb"]
-        cells = " | ".join(f"{by[k]:.2f}" if by.get(k) is not None else "-" for k in ("load_backbone", "features", "coreset", "calibration"))
+        cells = " | ".join(f"{by[k]:.2f}" if by.get(k) is not None else "-" for k in PHASES)
         lines.append(f"| {p['backbone']} | {p['images']:,} | {p['memory_before_fit_gb']:.2f} | {cells} |")
     lines += ["", "Checks (issue 9):", ""]
     for c in r["checks"]:

@@ -165,6 +165,7 @@ class PatchCore:
             if len(aside):  # their patches out of the bank, its cover repaired, and the others scored again
                 del bank, index  # (freed before the repaired bank's are built: a large fit's peak memory)
                 picks = pipeline.coreset_without(patches.points, patches.starts, aside, picks, radius)
+                patches.drop_projection()
                 bank, index, inputs = self._bank_and_scores(pipeline, patches, picks, np.setdiff1d(inputs.images, aside))
             clock.lap("contamination")
         finally:
