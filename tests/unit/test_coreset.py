@@ -235,7 +235,7 @@ def test_a_repaired_coreset_covers_the_rows_left_as_the_first_did():
     assert len(repaired) < len(picks)  # and it needs fewer picks than were removed here
 
 
-def test_a_repair_picks_what_a_greedy_pass_over_every_row_left_picks_in_any_chunks():
+def test_a_repair_picks_what_a_greedy_pass_over_every_row_left_picks_in_any_chunks(monkeypatch):
     # The repair looks only at rows near a dropped pick and keeps only those no kept pick covers;
     # a greedy pass over every row left, from the kept picks, must choose the very same rows.
     # Caught: a chunk's rows not offset by its start; the removed rows kept as candidates.
@@ -256,9 +256,29 @@ def test_a_repair_picks_what_a_greedy_pass_over_every_row_left_picks_in_any_chun
     assert len(added) > 3
     for chunk_rows in (1 << 15, 256, 999):
         assert torch.equal(repair_coreset(points, picks, removed, radius, chunk_rows=chunk_rows), expected)
+    # with many picks dropped the rows near them are found by the search instead of the product
+    dropped = int(torch.from_numpy(removed)[picks].sum())
+    monkeypatch.setattr(coreset, "REPAIR_PRODUCT_CENTRES", dropped - 1)
+    assert torch.equal(repair_coreset(points, picks, removed, radius), expected)
 
 
 def test_a_repair_with_nothing_removed_changes_nothing():
     points = torch.from_numpy(np.random.default_rng(2).normal(size=(500, 8)).astype(np.float32))
     picks = torch.sort(greedy_coreset(points, 50, seed=0)).values
     assert torch.equal(repair_coreset(points, picks, np.zeros(500, dtype=bool), coverage_radius(points, picks)), picks)
+
+
+def test_the_repairs_product_never_misses_a_row_at_the_edge_of_reach():
+    # Rows at the radius from a centre far from the origin, where |x|^2 - 2 x.c + |c|^2 loses
+    # most digits to cancellation: the widened product must keep every one of them (and a
+    # row well outside stays out). Caught: REPAIR_ROUNDING = 0.
+    generator = np.random.default_rng(4)
+    centres = torch.from_numpy((100.0 + generator.normal(size=(3, 128))).astype(np.float32))
+    directions = generator.normal(size=(3000, 128))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    rows = torch.from_numpy((centres[0].double().numpy() + 2.0 * directions).astype(np.float32))
+    radius = float(torch.linalg.vector_norm(rows.double() - centres[0].double(), dim=1).max())
+    reach = coreset._Reach(centres, radius)
+    assert bool(reach.within(rows).all())
+    far = rows[:1] + 10.0
+    assert not bool(reach.within(far).any())
