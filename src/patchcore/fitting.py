@@ -19,8 +19,6 @@ and ``select_coreset`` on the driver: the same steps, so the same model, bit for
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import math
 import sys
 from dataclasses import asdict, dataclass, field
@@ -318,17 +316,6 @@ class FitPipeline:
     def bar(self, total: int, label: str) -> tqdm:
         """A progress bar on standard error (off unless the options ask for progress)."""
         return tqdm(total=total, desc=f"{label:>11}", unit="img" if label != "coreset" else "pick", disable=not self.options.progress, file=sys.stderr, leave=False, dynamic_ncols=True)
-
-
-def return_freed_memory() -> None:
-    """Hand the memory freed so far back to the operating system, where the C library can
-    (glibc's ``malloc_trim``). What the threads of a search or a backbone freed stays in their
-    own arenas, where the main thread's next allocations cannot reuse it: on 10,000 images the
-    repair after a contamination check grew the fit's peak by that much."""
-    name = ctypes.util.find_library("c")
-    trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
-    if trim is not None:
-        trim(0)
 
 
 def bank_entries(patches: int, coreset_ratio: float | None, bank_size: int | None) -> int:

@@ -35,7 +35,6 @@ from .fitting import (
     bank_entries,
     fitted_share,
     own_runs,
-    return_freed_memory,
     rgb8,
     set_aside_images,
     stack_inputs,
@@ -165,7 +164,6 @@ class PatchCore:
             aside = set_aside_images(check, inputs)
             if len(aside):  # their patches out of the bank, its cover repaired, and the others scored again
                 del bank, index  # (freed before the repaired bank's are built: a large fit's peak memory)
-                return_freed_memory()
                 picks = pipeline.coreset_without(patches.points, patches.starts, aside, picks, radius)
                 patches.drop_projection()
                 bank, index, inputs = self._bank_and_scores(pipeline, patches, picks, np.setdiff1d(inputs.images, aside))
