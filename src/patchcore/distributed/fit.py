@@ -194,8 +194,9 @@ def _fit_with(ray: Any, model: PatchCore, pipeline: FitPipeline, weights_sha256:
     aside = set_aside_images(check, inputs)
     if len(aside):
         picks = pipeline.coreset_without(points, starts, aside, picks, radius)
+    del points  # the coreset is final: scoring reads the actors' features (a local fit's drop_projection)
+    if len(aside):
         memory_bank, inputs = _bank_and_scores(ray, pipeline, layout, starts, sources, picks.numpy(), np.setdiff1d(inputs.images, aside))
-    del points
     calibration = calibrate(*inputs.for_calibrate(), model.false_alarm_rate)
     return FittedState(
         pipeline.patch_features, pipeline.layout, weights_sha256, memory_bank,
