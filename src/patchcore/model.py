@@ -286,6 +286,10 @@ class PatchCore:
         ``threshold`` overrides the calibrated image threshold (raw score units).
         """
         pipeline = self.pipeline()
+        # A few images are scanned rather than paying to build the search's bounds (the same
+        # answers); the square grid of the layout's size is the patches an image has, or about.
+        grid = self.patch_features_.grid_hw((self.layout_.image_size, self.layout_.image_size))
+        self.index_.expect(len(images) * grid[0] * grid[1])
         with pipeline.bar(len(images), "scoring") as bar:
             for loaded in pipeline.loaded_batches(images, keep_images):
                 for prediction in self.predict_loaded(loaded, threshold):

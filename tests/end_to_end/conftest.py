@@ -19,16 +19,34 @@ from serving import RunningServer
 
 
 @pytest.fixture(scope="session")
-def bottle_model_file(data_root, tmp_path_factory) -> Path:
+def bottle_train_run(data_root, tmp_path_factory) -> Path:
+    """`patchcore train` on MVTec AD bottle with MobileNetV2, once per session: its folder holds
+    model.safetensors, metrics.json, scores.csv and the pictures."""
+    out = tmp_path_factory.mktemp("bottle")
+    assert main(["train", str(data_root / "mvtec_ad" / "bottle"), "--backbone", "mobilenet_v2", "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def bottle_model_file(request) -> Path:
     """A MobileNetV2 model of MVTec AD bottle's 209 good training images (208 in the model: the
-    contamination check sets 132.png aside), fitted once per session
-    (or the file $PATCHCORE_TEST_BOTTLE_MODEL names, fitted so before, when running tests again
-    and again, as for mutation runs)."""
+    contamination check sets 132.png aside): the session's `train` run's, so that bottle is fitted
+    once (or the file $PATCHCORE_TEST_BOTTLE_MODEL names, fitted so before, when running tests
+    again and again, as for mutation runs)."""
     if os.environ.get("PATCHCORE_TEST_BOTTLE_MODEL"):
         return Path(os.environ["PATCHCORE_TEST_BOTTLE_MODEL"])
-    path = tmp_path_factory.mktemp("bottle_model") / "bottle.safetensors"
-    assert main(["fit", str(data_root / "mvtec_ad" / "bottle"), "--backbone", "mobilenet_v2", "--out", str(path), "--quiet"]) == 0
-    return path
+    return request.getfixturevalue("bottle_train_run") / "model.safetensors"
+
+
+@pytest.fixture(scope="session")
+def bottle_exports(bottle_model_file, tmp_path_factory) -> dict[str, Path]:
+    """The bottle model exported to ONNX (``bottle.onnx``) and OpenVINO (``ov/bottle.xml``) in one
+    folder, once per session, for the tests that read them (none changes them)."""
+    folder = tmp_path_factory.mktemp("exported")
+    paths = {"onnx": folder / "bottle.onnx", "openvino": folder / "ov" / "bottle.xml"}
+    for fmt, path in paths.items():
+        assert main(["export", str(bottle_model_file), "--format", fmt, "--out", str(path)]) == 0
+    return paths
 
 
 @pytest.fixture

@@ -37,11 +37,9 @@ def subset(data_root, library):
 
 
 @pytest.fixture(scope="module")
-def exported(bottle_model_file, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("exported")
-    assert main(["export", str(bottle_model_file), "--out", str(folder / "bottle.onnx")]) == 0
-    assert main(["export", str(bottle_model_file), "--format", "openvino", "--out", str(folder / "ov" / "bottle.xml")]) == 0
-    return folder
+def exported(bottle_exports) -> Path:
+    """The folder of the session's exports: bottle.onnx and ov/bottle.xml (conftest.py)."""
+    return bottle_exports["onnx"].parent
 
 
 def onnx_run(path, images):

@@ -267,3 +267,18 @@ def test_leave_one_out_scores_equal_brute_force_without_the_images_own_bank_entr
         assert model.calibration_.good_scores[image] == pytest.approx(expected, rel=1e-4)
         peak = float(anomaly_maps(nearest_distance.float().reshape(1, *grid), tuple(batch.shape[-2:])).max())
         assert model.calibration_.good_map_peaks[image] == pytest.approx(peak, rel=1e-4)
+
+
+def test_a_one_image_predict_scans_and_a_folder_builds_the_bounds_with_the_same_scores(model_file, welds):
+    # A fast start (issue 23): predicting one image does not build the search's cells (0.9 s on
+    # bottle), and its results are those of an image scored among many. Caught: the expect() call
+    # in iter_predictions removed (the one image builds them).
+    paths = [s.path for s in pc_data.list_test_samples(welds)][:6]
+    one = PatchCore.load(model_file, device="cpu", progress=False)
+    first = one.predict(paths[:1])[0]
+    assert one.index_._bounds is None
+    rest = one.predict(paths[1:])  # 5 x 1,024 patches: the bounds pay, and are built
+    assert one.index_._bounds is not None
+    together = PatchCore.load(model_file, device="cpu", progress=False).predict(paths)
+    assert [p.score for p in [first, *rest]] == [p.score for p in together]
+    assert np.array_equal(first.anomaly_map, together[0].anomaly_map)

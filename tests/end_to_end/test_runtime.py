@@ -51,12 +51,8 @@ sys.exit(code)
 
 
 @pytest.fixture(scope="module")
-def exported(bottle_model_file, tmp_path_factory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("runtime")
-    paths = {"onnx": folder / "bottle.onnx", "openvino": folder / "ov" / "bottle.xml"}
-    for fmt, path in paths.items():
-        assert main(["export", str(bottle_model_file), "--format", fmt, "--out", str(path)]) == 0
-    return paths
+def exported(bottle_exports) -> dict[str, Path]:
+    return bottle_exports  # the session's ONNX and OpenVINO exports of the bottle model (conftest.py)
 
 
 @pytest.fixture(scope="module")

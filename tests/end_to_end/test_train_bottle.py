@@ -5,15 +5,11 @@ import json
 
 import pytest
 
-from patchcore.cli import main
 
 
 @pytest.fixture(scope="module")
-def bottle_run(data_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bottle")
-    code = main(["train", str(data_root / "mvtec_ad" / "bottle"), "--backbone", "mobilenet_v2", "--out", str(out), "--quiet"])
-    assert code == 0
-    return out
+def bottle_run(bottle_train_run):
+    return bottle_train_run  # the session's run (conftest.py): the other tests use its model
 
 
 def test_accuracy_floors(bottle_run):

@@ -215,3 +215,15 @@ def test_the_help_imports_none_of_the_heavy_libraries():
     loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")[-2].split())
     assert "patchcore" in loaded
     assert not loaded & set(HEAVY_FOR_HELP), sorted(loaded & set(HEAVY_FOR_HELP))
+
+
+def test_scoring_and_serving_never_import_scipy_stats():
+    # scipy.stats costs 0.6-0.9 s of every start; the Beta quantiles the calibration and the drift
+    # watch need come from scipy.special. Caught: `from scipy.stats import beta` back in
+    # record/drift.py (every `patchcore serve` paid it) or in calibrate.py.
+    code = (
+        "import sys\nimport patchcore.serve.app, patchcore.model, patchcore.calibrate as c, numpy as np\n"
+        "from patchcore.record.drift import DriftWatch\n"
+        "c.order_statistic_cut(np.linspace(1, 2, 50), 0.05)\nprint('scipy.stats' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()[-1] == "False"

@@ -422,3 +422,28 @@ def test_clustered_patches_keep_the_bounds():
     index.search(points[6000:].clone(), k=1)
     index.search(points[6000:].clone(), k=1)
     assert not index.scanning and index.entries_measured < 0.05 * 2048 * 6000
+
+
+def test_a_few_expected_queries_are_scanned_without_building_the_bounds():
+    # A fast start (issue 23): a one-image predict does not pay the cells' k-means. Caught: the
+    # scan branch of _bounded_nearest removed (the bounds built at once), or its budget not spent
+    # (every later search scanned too).
+    from patchcore import search
+
+    bank, queries = clustered_features(3000, 128, seed=1), clustered_features(900, 128, seed=2)
+    bounded = NearestNeighbourIndex(bank)
+    expected = bounded.search(queries, k=1)
+    few = NearestNeighbourIndex(bank)
+    few.expect(600)
+    first = few.search(queries[:300], k=1, exclude=(100, 400))
+    assert few._bounds is None and few.queries_bounded == 0  # scanned, nothing built
+    assert torch.equal(first[1], bounded.search(queries[:300], k=1, exclude=(100, 400))[1])
+    second = few.search(queries[300:600], k=1)
+    assert few._bounds is None
+    third = few.search(queries[600:], k=1)  # beyond what was expected: the bounds are built
+    assert isinstance(few._bounds, search.CellBoundIndex) and few.queries_bounded == 300
+    assert torch.equal(torch.cat([second[1], third[1]]), expected[1][300:]) and torch.equal(second[0], expected[0][300:600])
+    many = NearestNeighbourIndex(bank)
+    many.expect(search.BOUNDS_PAY_AFTER)  # enough that the bounds pay: built on the first search
+    many.search(queries[:10], k=1)
+    assert isinstance(many._bounds, search.CellBoundIndex)

@@ -50,8 +50,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
-from scipy.special import bdtrc, ndtr
-from scipy.stats import beta
+from scipy.special import bdtrc, betaincinv, ndtr  # (not scipy.stats: 0.9 s of a server's start)
 
 from ..calibrate import INTERVAL_CONFIDENCE, Calibration
 
@@ -257,7 +256,8 @@ def _expected_rate(calibration: Calibration) -> tuple[float | None, tuple[float,
     count = calibration.num_images
     if expected is None and count >= 1 and calibration.false_alarm_rate is None:
         tail = (1.0 - INTERVAL_CONFIDENCE) / 2
-        return 1.0 / (count + 1), (float(beta.ppf(tail, 1, count)), float(beta.ppf(1 - tail, 1, count)))
+        # the quantiles of Beta(1, m): betaincinv is what scipy.stats.beta.ppf computes
+        return 1.0 / (count + 1), (float(betaincinv(1, count, tail)), float(betaincinv(1, count, 1 - tail)))
     return (None if expected is None else float(expected)), None
 
 
