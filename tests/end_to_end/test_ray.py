@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from patchcore.cli import main
 from patchcore.data import expand_paths
 from ray_cluster import LocalRayCluster, auth_env
 from serving import free_port
@@ -118,11 +117,10 @@ def test_cluster_predict_equals_local_predict(ray_cluster: LocalRayCluster, bott
     assert sum(counts.values()) == 85 and min(counts.values()) > 0
 
 
-def test_exported_model_and_uris_on_a_local_ray_instance(bottle_model_file, data_root, bad_images, tmp_path) -> None:
+def test_exported_model_and_uris_on_a_local_ray_instance(bottle_exports, data_root, bad_images, tmp_path) -> None:
     """``--ray`` alone starts a local instance; an ONNX model scores there as locally, and a
     ``file://`` URI is read by Ray Data, each record named by its URI."""
-    onnx = tmp_path / "bottle.onnx"
-    assert main(["export", str(bottle_model_file), "--out", str(onnx)]) == 0
+    onnx = bottle_exports["onnx"]  # the session's export (conftest.py)
     folder = tmp_path / "few"
     folder.mkdir()
     for name in ["broken_large/000.png", "contamination/001.png", "good/000.png", "good/001.png"]:
