@@ -447,3 +447,11 @@ def test_a_few_expected_queries_are_scanned_without_building_the_bounds():
     many.expect(search.BOUNDS_PAY_AFTER)  # enough that the bounds pay: built on the first search
     many.search(queries[:10], k=1)
     assert isinstance(many._bounds, search.CellBoundIndex)
+    # One small hint after another (a loop of one-image predicts) adds up: the bounds are built
+    # once the queries scanned would have paid for them. Caught: the scanned queries not counted.
+    loop = NearestNeighbourIndex(bank)
+    calls = math.ceil(search.BOUNDS_PAY_AFTER / 300)
+    for call in range(calls):
+        loop.expect(300)
+        assert torch.equal(loop.search(queries[:300], k=1)[1], expected[1][:300])
+        assert (loop._bounds is None) == (call < calls - 1)
