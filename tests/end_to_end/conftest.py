@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 
 from pathlib import Path
@@ -28,14 +29,17 @@ def bottle_train_run(data_root, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def bottle_model_file(request) -> Path:
+def bottle_model_file(request, tmp_path_factory) -> Path:
     """A MobileNetV2 model of MVTec AD bottle's 209 good training images (208 in the model: the
-    contamination check sets 132.png aside): the session's `train` run's, so that bottle is fitted
-    once (or the file $PATCHCORE_TEST_BOTTLE_MODEL names, fitted so before, when running tests
-    again and again, as for mutation runs)."""
+    contamination check sets 132.png aside), named bottle.safetensors (servers serve it as
+    'bottle'): a copy of the session's `train` run's model, so that bottle is fitted once (or the
+    file $PATCHCORE_TEST_BOTTLE_MODEL names, fitted so before, when running tests again and
+    again, as for mutation runs)."""
     if os.environ.get("PATCHCORE_TEST_BOTTLE_MODEL"):
         return Path(os.environ["PATCHCORE_TEST_BOTTLE_MODEL"])
-    return request.getfixturevalue("bottle_train_run") / "model.safetensors"
+    path = tmp_path_factory.mktemp("bottle_model") / "bottle.safetensors"
+    shutil.copyfile(request.getfixturevalue("bottle_train_run") / "model.safetensors", path)
+    return path
 
 
 @pytest.fixture(scope="session")
