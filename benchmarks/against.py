@@ -94,11 +94,16 @@ class Trees:
         }
 
 
-def run_child(script: Path, tree: Path, job: dict, timeout: float = 1800) -> dict:
-    """``script --against-child JOB`` in a fresh process that imports patchcore from ``tree``/src."""
+def child_env(tree: Path) -> dict[str, str]:
+    """This process's environment for a child that imports patchcore from ``tree``/src."""
     env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONHOME")}
     env["PYTHONPATH"] = str(tree / "src")
-    done = subprocess.run([sys.executable, str(script), "--against-child", json.dumps(job)], cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)
+    return env
+
+
+def run_child(script: Path, tree: Path, job: dict, timeout: float = 1800) -> dict:
+    """``script --against-child JOB`` in a fresh process that imports patchcore from ``tree``/src."""
+    done = subprocess.run([sys.executable, str(script), "--against-child", json.dumps(job)], cwd=tree, env=child_env(tree), capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
         raise RuntimeError(f"child in {tree} failed ({done.returncode}):\n{done.stderr[-4000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])

@@ -26,7 +26,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from against import SIDES, Trees, comparison, interleave, summarise
+from against import SIDES, Trees, child_env, comparison, interleave, summarise
 from provenance import REPO
 
 IMAGE = Path("mvtec_ad") / "bottle" / "test" / "broken_large" / "000.png"
@@ -37,12 +37,6 @@ COMMANDS = {
     "predict_one_image_onnx_s": ["predict", "{ONNX}", "{IMAGE}", "--out", "{OUT}", "--quiet"],
 }
 READY_TIMEOUT_S = 300
-
-
-def child_env(tree: Path) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONHOME")}
-    env["PYTHONPATH"] = str(tree / "src")
-    return env
 
 
 def imported_from(tree: Path) -> str:

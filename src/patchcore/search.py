@@ -363,8 +363,8 @@ class NearestNeighbourIndex:
     def expect(self, queries: int) -> None:
         """Say how many queries are coming (a hint; the answers never change). Fewer than
         :data:`BOUNDS_PAY_AFTER` are scanned, without building the bounds: a one-image predict does
-        not pay the cells' k-means (0.9 s on bottle's bank, against 0.11 s to scan its 1,024
-        patches). The queries scanned so count against that limit, hint after hint, and the first
+        not pay the cells' k-means (0.9 s on bottle's bank, against 0.11 s to scan 784 patches'
+        queries). The queries scanned so count against that limit, hint after hint, and the first
         search beyond it builds the bounds, as every search does unasked."""
         if self._bounded and self._bounds is None:
             fits = self._scanned_before_bounds + queries < BOUNDS_PAY_AFTER
@@ -381,7 +381,6 @@ class NearestNeighbourIndex:
             self._scan_before_bounds -= len(queries)
             self._scanned_before_bounds += len(queries)
             return torch.from_numpy(ScanBounds(self.bank).nearest(queries, (start, stop))[0])[:, None]
-        self._scan_before_bounds = 0
         if self._bounds is None:
             components = leading_components(self.bank.shape[1])
             self._bounds = LowerBoundIndex(self.bank, components) if components else CellBoundIndex(self.bank)
